@@ -1,0 +1,29 @@
+"""fastcount: fast, exact Count-ception cell counting, from small images to gigapixel slides.
+
+Public API::
+
+    import fastcount
+    model = fastcount.CountCeption()                  # the reference network
+    n = fastcount.count_image(image, model)           # one image -> float count
+    t = fastcount.make_targets(dots)                  # dot map -> count-map target
+    c = fastcount.redundant_count(model(x))           # count map -> count per image
+"""
+from . import geometry
+from .api import count_image
+from .io import load_model, save_model
+from .model import CountCeption
+from .ops import make_targets, make_targets_from_points, redundant_count
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CountCeption",
+    "count_image",
+    "geometry",
+    "load_model",
+    "make_targets",
+    "make_targets_from_points",
+    "redundant_count",
+    "save_model",
+    "__version__",
+]

@@ -1,0 +1,101 @@
+"""Fold an eval-mode CountCeption into an immutable inference plan.
+
+Every ConvBNAct becomes one conv with bias and a LeakyReLU epilogue:
+``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``
+(SPEC §2). Backends consume the plan, never the nn.Module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import Geometry
+from ..model import LEAKY_SLOPE, ConvBNAct, CountCeption, Inception
+
+__all__ = ["FoldedConv", "FoldedInception", "Plan", "fold", "fold_conv"]
+
+
+@dataclass(frozen=True)
+class FoldedConv:
+    weight: torch.Tensor  # (C_out, C_in, k, k), BN folded in
+    bias: torch.Tensor  # (C_out,)
+    kernel: int
+    padding: int
+    stride: int = 1
+    slope: float = LEAKY_SLOPE
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain PyTorch conv + bias + LeakyReLU (NCHW)."""
+        y = torch.nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding)
+        return torch.nn.functional.leaky_relu(y, self.slope)
+
+
+@dataclass(frozen=True)
+class FoldedInception:
+    branch1: FoldedConv  # 1x1, pad 0
+    branch3: FoldedConv  # 3x3, pad 1
+
+    @property
+    def out_channels(self) -> int:
+        return self.branch1.out_channels + self.branch3.out_channels
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1.reference(x), self.branch3.reference(x)], dim=1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Folded layers in forward order: FoldedConv or FoldedInception."""
+
+    layers: tuple
+    geometry: Geometry
+    in_channels: int
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.reference(x)
+        return x
+
+    def to(self, device=None, dtype=None) -> "Plan":
+        def mv(c: FoldedConv):
+            return FoldedConv(c.weight.to(device, dtype), c.bias.to(device, dtype), c.kernel, c.padding, c.stride, c.slope)
+
+        layers = tuple(
+            FoldedInception(mv(l.branch1), mv(l.branch3)) if isinstance(l, FoldedInception) else mv(l) for l in self.layers
+        )
+        return Plan(layers, self.geometry, self.in_channels)
+
+
+@torch.no_grad()
+def fold_conv(block: ConvBNAct, dtype=torch.float64) -> FoldedConv:
+    conv, bn = block.conv, block.bn
+    scale = bn.weight.to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
+    w = conv.weight.to(dtype) * scale[:, None, None, None]
+    b = (conv.bias.to(dtype) - bn.running_mean.to(dtype)) * scale + bn.bias.to(dtype)
+    slope = block[2].negative_slope
+    return FoldedConv(w.contiguous(), b.contiguous(), conv.kernel_size[0], conv.padding[0], conv.stride[0], slope)
+
+
+@torch.no_grad()
+def fold(model: CountCeption, dtype=torch.float32) -> Plan:
+    """Fold BN into every conv (computed in float64, stored as ``dtype``)."""
+    if not isinstance(model, CountCeption):
+        raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")
+    layers = []
+    for m in model.layers:
+        if isinstance(m, Inception):
+            layers.append(FoldedInception(fold_conv(m.branch1), fold_conv(m.branch3)))
+        else:
+            layers.append(fold_conv(m))
+    plan = Plan(tuple(layers), model.geometry, model.in_channels)
+    device = next(model.parameters()).device
+    return plan.to(device, dtype)

@@ -1,0 +1,98 @@
+"""Weights in safetensors, with the model config in the file's metadata. No pickle."""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import CountCeption
+
+__all__ = ["save_model", "load_model", "default_weights_path", "read_metadata"]
+
+FORMAT = "fastcount.countception"
+DEFAULT_WEIGHTS = "default.safetensors"
+
+
+def default_weights_path() -> Path:
+    """Where the packaged default weights live (they may not exist yet)."""
+    return Path(str(resources.files("fastcount").joinpath("weights", DEFAULT_WEIGHTS)))
+
+
+def save_model(model: CountCeption, path, metadata: dict | None = None) -> Path:
+    """Write ``model`` (weights, BN statistics, config) to a safetensors file.
+
+    ``metadata`` adds string-valued notes (e.g. the test MAE) to the header.
+    The file is written to a temporary name and renamed, so an interrupted
+    save never leaves a truncated file where a good one was.
+    """
+    if not isinstance(model, CountCeption):
+        raise TypeError(f"model must be a fastcount.CountCeption, got {type(model).__name__}")
+    path = Path(path)
+    meta = {"format": FORMAT, "config": json.dumps(model.config)}
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The header metadata of a fastcount weights file (config decoded)."""
+    from safetensors import safe_open
+
+    path = _check_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors weights file: {e}") from e
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is a safetensors file but not fastcount Count-ception weights (no config metadata)")
+    meta["config"] = json.loads(meta["config"])
+    return meta
+
+
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return path
+
+
+def load_model(path=None, device="cpu") -> CountCeption:
+    """Load a CountCeption from safetensors, in eval mode.
+
+    ``path=None`` loads the default weights packaged with fastcount.
+    """
+    if path is None:
+        path = default_weights_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                "fastcount has no packaged default weights in this installation "
+                f"(expected {path}); train some with `fastcount train ... --out W.safetensors` "
+                "and pass model=/path=W.safetensors"
+            )
+    meta = read_metadata(path)
+    cfg = meta["config"]
+    model = CountCeption(
+        in_channels=int(cfg["in_channels"]),
+        patch_size=int(cfg["patch_size"]),
+        stride=int(cfg["stride"]),
+        width=float(cfg["width"]),
+    )
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.metadata = {k: v for k, v in meta.items() if k not in ("format", "config")}
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Whole-slide counting: readers, tissue mask, tile plan, engine, outputs."""

@@ -1,0 +1,310 @@
+"""Training and the evaluation protocol (SPEC §5).
+
+Protocol (Lempitsky & Zisserman 2010, as in the paper): the reference test
+set (VGG cells: last 100 images, MBM: last 11) is never trained or validated
+on; from the rest a seeded random split takes ``n_train`` training and
+``n_val`` validation images. Loss: mean pixel-wise L1 between predicted and
+target count maps. Adam. The model with the best validation count MAE wins.
+
+Random crops (``crop``) cut the cost of a step roughly in proportion to the
+crop's area (plus the r-pixel border the output adds); the network still
+sees every part of every image over the epochs, but each step sees less
+context and more of the zero-padded border, so short runs with small crops
+generalise a little worse. Flips and 90-degree rotations are applied too.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .io import save_model
+from .model import CountCeption
+from .ops import make_targets, redundant_count
+
+__all__ = ["TrainConfig", "TrainResult", "split_indices", "train", "evaluate", "predict_counts", "run_protocol"]
+
+
+@dataclass
+class TrainConfig:
+    n_train: int = 32
+    n_val: int = 32
+    epochs: int = 100
+    crop: int | None = None
+    width: float = 1.0
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    patch_size: int = 32
+    stride: int = 1
+    augment: bool = True
+    device: str = "cpu"
+
+    def check(self):
+        for name in ("n_train", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.n_val, int) or self.n_val < 0:
+            raise ValueError(f"n_val must be a non-negative int, got {self.n_val!r}")
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 1):
+            raise ValueError(f"crop must be a positive int or None, got {self.crop!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class TrainResult:
+    model: CountCeption
+    best_val_mae: float
+    best_epoch: int
+    history: list = field(default_factory=list)
+    split: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: int):
+    """Seeded random train/val split of the images before the held-out test set."""
+    pool = n_total - test_size
+    if n_train + n_val > pool:
+        raise ValueError(
+            f"n_train + n_val = {n_train + n_val} exceeds the {pool} images outside the held-out test set "
+            f"({n_total} images, last {test_size} reserved for testing)"
+        )
+    perm = np.random.default_rng(seed).permutation(pool)
+    return sorted(perm[:n_train].tolist()), sorted(perm[n_train : n_train + n_val].tolist()), list(range(pool, n_total))
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _to_tensor_image(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32)
+
+
+@torch.inference_mode()
+def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 4) -> np.ndarray:
+    """Counts for a list of HxWx3 images (batched when shapes agree)."""
+    device = _resolve_device(device)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        i = 0
+        while i < len(images):
+            j = i + 1
+            while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
+                j += 1
+            x = torch.stack([_to_tensor_image(im) for im in images[i:j]]).to(device)
+            c = redundant_count(model(x), model.patch_size, model.stride)
+            out.extend(c.reshape(-1).cpu().tolist())
+            i = j
+    finally:
+        model.train(was)
+    return np.array(out, dtype=np.float64)
+
+
+def evaluate(model: CountCeption, dataset, indices=None, device="cpu", batch_size: int = 4) -> dict:
+    """Count MAE (and more) of ``model`` on ``dataset[indices]`` (all when None)."""
+    idx = range(len(dataset)) if indices is None else indices
+    images = [dataset[i][0] for i in idx]
+    truth = np.array([float(dataset[i][1].sum()) for i in idx])
+    pred = predict_counts(model, images, device, batch_size)
+    err = pred - truth
+    return {
+        "mae": float(np.abs(err).mean()) if len(err) else float("nan"),
+        "rmse": float(np.sqrt((err**2).mean())) if len(err) else float("nan"),
+        "mean_rel_error": float((np.abs(err) / np.maximum(truth, 1)).mean()) if len(err) else float("nan"),
+        "n": len(err),
+        "pred": pred.tolist(),
+        "truth": truth.tolist(),
+    }
+
+
+def _batch(dataset, idx, cfg: TrainConfig, gen: torch.Generator):
+    """Random crops (+ flips/rotations) of the images ``idx`` and their targets."""
+    xs, ds = [], []
+    for i in idx:
+        img, dots = dataset[i]
+        h, w = dots.shape
+        if cfg.crop is not None and (h > cfg.crop or w > cfg.crop):
+            ch, cw = min(cfg.crop, h), min(cfg.crop, w)
+            y = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            x = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            img, dots = img[y : y + ch, x : x + cw], dots[y : y + ch, x : x + cw]
+        t_img = _to_tensor_image(img)
+        t_dots = torch.from_numpy(np.ascontiguousarray(dots)).to(torch.int64)
+        if cfg.augment:
+            k = int(torch.randint(0, 4, (1,), generator=gen))
+            flip = bool(torch.randint(0, 2, (1,), generator=gen))
+            if t_img.shape[-1] != t_img.shape[-2]:
+                k = 2 * (k % 2)  # keep the shape batchable for non-square crops
+            t_img, t_dots = torch.rot90(t_img, k, (1, 2)), torch.rot90(t_dots, k, (0, 1))
+            if flip:
+                t_img, t_dots = t_img.flip(-1), t_dots.flip(-1)
+        xs.append(t_img)
+        ds.append(t_dots)
+    if len({tuple(x.shape) for x in xs}) > 1:
+        raise ValueError("training images differ in size; pass crop=C to train on equal-size crops")
+    dots = torch.stack(ds)
+    return torch.stack(xs), make_targets(dots, cfg.patch_size, cfg.stride).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, model, best_state, opt, gen, meta: dict):
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng"] = gen.get_state()
+    meta = dict(meta, param_groups=osd["param_groups"])
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fastcount_checkpoint": json.dumps(meta)})
+    os.replace(tmp, path)  # atomic: an interrupted save keeps the previous checkpoint
+
+
+def _load_checkpoint(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["fastcount_checkpoint"])
+    t = load_file(str(path))
+    model = {k[6:]: v for k, v in t.items() if k.startswith("model.")}
+    best = {k[5:]: v for k, v in t.items() if k.startswith("best.")}
+    state = {}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    return model, best, {"state": state, "param_groups": meta.pop("param_groups")}, t["rng"], meta
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=None, resume: bool = False,
+          progress: bool = True, log=print, **overrides) -> TrainResult:
+    """Train a CountCeption on ``dataset`` with the paper's protocol.
+
+    Args:
+        dataset: a ``DotDataset`` (its ``test_size`` last images are held out).
+        config: a TrainConfig; keyword ``overrides`` replace its fields.
+        out: where to write the best model (safetensors), optional.
+        checkpoint: resumable checkpoint path (default ``<out>.ckpt`` when out is given).
+        resume: continue from ``checkpoint`` if it exists.
+    """
+    cfg = _replace(config, overrides)
+    cfg.check()
+    device = _resolve_device(cfg.device)
+    train_idx, val_idx, test_idx = split_indices(len(dataset), dataset.test_size, cfg.n_train, cfg.n_val, cfg.seed)
+    split = {"train": train_idx, "val": val_idx, "test": test_idx}
+    if checkpoint is None and out is not None:
+        checkpoint = Path(str(out) + ".ckpt")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+
+    torch.manual_seed(cfg.seed)
+    model = CountCeption(3, cfg.patch_size, cfg.stride, cfg.width).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best_state = copy.deepcopy(model.state_dict())
+    best_mae, best_epoch, start_epoch, history, elapsed = float("inf"), 0, 0, [], 0.0
+    run_id = {k: v for k, v in vars(cfg).items() if k not in ("epochs", "device")}
+    run_id["dataset"] = dataset.name
+
+    if resume and checkpoint is not None and checkpoint.is_file():
+        m, b, o, rng, meta = _load_checkpoint(checkpoint)
+        if meta["run"] != json.loads(json.dumps(run_id)):
+            raise ValueError(f"checkpoint {checkpoint} belongs to a different run: {meta['run']} != {run_id}")
+        model.load_state_dict(m)
+        best_state = b
+        opt.load_state_dict(o)
+        gen.set_state(rng)
+        best_mae, best_epoch, start_epoch = meta["best_mae"], meta["best_epoch"], meta["epoch"]
+        history, elapsed = meta["history"], meta["seconds"]
+        log(f"resumed from {checkpoint} at epoch {start_epoch} (best val MAE {best_mae:.3f} at epoch {best_epoch})")
+
+    n_batches = math.ceil(len(train_idx) / cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * n_batches, initial=start_epoch * n_batches, disable=not progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = torch.randperm(len(train_idx), generator=gen).tolist()
+            losses = []
+            for b in range(n_batches):
+                idx = [train_idx[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                x, t = _batch(dataset, idx, cfg, gen)
+                x, t = x.to(device), t.to(device)
+                loss = torch.nn.functional.l1_loss(model(x), t)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{best_mae:.2f}")
+            val = evaluate(model, dataset, val_idx, device) if val_idx else {"mae": float(np.mean(losses))}
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mae": val["mae"],
+                   "seconds": time.perf_counter() - t0}
+            history.append(rec)
+            if val["mae"] < best_mae:
+                best_mae, best_epoch = val["mae"], epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+            line = (f"epoch {epoch + 1}/{cfg.epochs}  train_loss {rec['train_loss']:.4f}  "
+                    f"val_mae {val['mae']:.3f}  best {best_mae:.3f} (epoch {best_epoch})  {rec['seconds']:.1f}s")
+            (bar.write if (progress and log is print) else log)(line)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, model, best_state, opt, gen, {
+                    "run": run_id, "epoch": epoch + 1, "best_mae": best_mae, "best_epoch": best_epoch,
+                    "history": history, "seconds": rec["seconds"]})
+    finally:
+        bar.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    result = TrainResult(model, best_mae, best_epoch, history, split, time.perf_counter() - t0)
+    if out is not None:
+        save_model(model, out, metadata={
+            "dataset": dataset.name, "best_val_mae": best_mae, "best_epoch": best_epoch,
+            "train_config": {k: v for k, v in vars(cfg).items()}, "split_seed": cfg.seed,
+            "train_images": [dataset.names[i] for i in train_idx]})
+    return result
+
+
+def _replace(config, overrides):
+    cfg = copy.copy(config or TrainConfig())
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown training option {k!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+def run_protocol(dataset, splits: int, config: TrainConfig | None = None, progress=True, log=print, **overrides):
+    """Train and test ``splits`` times (seeds seed, seed+1, ...); test MAE mean +- std."""
+    base = _replace(config, overrides)
+    maes = []
+    for k in range(splits):
+        cfg = _replace(base, {"seed": base.seed + k})
+        res = train(dataset, cfg, progress=progress, log=log)
+        test = evaluate(res.model, dataset, res.split["test"], cfg.device)
+        maes.append(test["mae"])
+        log(f"split {k + 1}/{splits} (seed {cfg.seed}): val MAE {res.best_val_mae:.3f}, test MAE {test['mae']:.3f}")
+    maes = np.array(maes)
+    return {"maes": maes.tolist(), "mean": float(maes.mean()), "std": float(maes.std(ddof=1)) if len(maes) > 1 else 0.0}

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``fastcount.kernels`` (one module per fused op)."""
