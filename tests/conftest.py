@@ -1,0 +1,53 @@
+"""Shared test setup.
+
+On a machine without CUDA, Triton kernels run through the interpreter
+(TRITON_INTERPRET=1 must be set before triton decorates any kernel, so it is
+set here, before test modules import fastcount.kernels).
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATASETS = SHARED / "datasets"
+SLIDES = SHARED / "fixtures" / "slides"
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason elsewhere)")
+
+
+def randomize_bn(model, seed=0):
+    """Give every BatchNorm random affine parameters and running statistics, so
+    folding and fused epilogues are tested on non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 5)
+                m.running_var.copy_(0.5 + 20 * torch.rand(n, generator=g))
+    return model
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.fail(f"../shared not found at {SHARED}: tests need the project's shared data")
+    return SHARED
