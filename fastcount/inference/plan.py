@@ -33,6 +33,29 @@ class FoldedConv:
     def out_channels(self) -> int:
         return self.weight.shape[0]
 
+    def gemm_weight(self, cin_pad: int | None = None, cout_pad: int | None = None, dtype=None) -> torch.Tensor:
+        """Weight laid out for NHWC implicit GEMM: ``(k*k*cin_pad, cout_pad)``,
+        row ``(kh*k + kw)*cin_pad + c``, zero in the padded rows/columns (so
+        kernels may read a whole padded block without masks)."""
+        cin, cout, k = self.in_channels, self.out_channels, self.kernel
+        cin_pad = cin if cin_pad is None else cin_pad
+        cout_pad = cout if cout_pad is None else cout_pad
+        if cin_pad < cin or cout_pad < cout:
+            raise ValueError(f"cin_pad/cout_pad must be >= ({cin}, {cout}), got ({cin_pad}, {cout_pad})")
+        out = self.weight.new_zeros((k, k, cin_pad, cout_pad), dtype=dtype or self.weight.dtype)
+        out[:, :, :cin, :cout] = self.weight.permute(2, 3, 1, 0)
+        return out.reshape(k * k * cin_pad, cout_pad).contiguous()
+
+    def padded_bias(self, cout_pad: int | None = None, dtype=None) -> torch.Tensor:
+        """Bias zero-padded to ``cout_pad`` entries."""
+        cout = self.out_channels
+        cout_pad = cout if cout_pad is None else cout_pad
+        if cout_pad < cout:
+            raise ValueError(f"cout_pad must be >= {cout}, got {cout_pad}")
+        out = self.bias.new_zeros((cout_pad,), dtype=dtype or self.bias.dtype)
+        out[:cout] = self.bias
+        return out
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Plain PyTorch conv + bias + LeakyReLU (NCHW)."""
         y = torch.nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding)

@@ -1,0 +1,185 @@
+"""Conv (BN folded) + bias + LeakyReLU as an implicit-GEMM direct convolution.
+
+GEMM view: M = output pixels (N*Ho*Wo), N = C_out, K = kh*kw*C_in. One
+program owns a BLOCK_M x BLOCK_N output tile and walks K as a single flat
+loop over (tap, channel block) pairs, so Triton can software-pipeline it.
+Zero padding is a load mask, never a padded copy of the input. Works for any
+square kernel: the 3x3 first conv (pad r) and the unpadded 14x14 / 18x18.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import check_nhwc, dot_precision, interpreting, pad_channels
+
+__all__ = ["ConvWeights", "prepare", "conv_bn_lrelu", "output_side"]
+
+
+class ConvWeights(NamedTuple):
+    weight: torch.Tensor  # (k*k*cin_p, cout_p), compute dtype, zero padded
+    bias: torch.Tensor  # (cout_p,) fp32
+    kernel: int
+    padding: int
+    stride: int
+    cin: int
+    cout: int
+    cin_p: int
+    cout_p: int
+    slope: float
+
+
+def prepare(conv, dtype=torch.float32) -> ConvWeights:
+    """Lay out a ``FoldedConv`` once for this kernel (weights in ``dtype``)."""
+    cin_p, cout_p = pad_channels(conv.in_channels), pad_channels(conv.out_channels)
+    return ConvWeights(
+        conv.gemm_weight(cin_p, cout_p, dtype),
+        conv.padded_bias(cout_p, torch.float32),
+        conv.kernel,
+        conv.padding,
+        conv.stride,
+        conv.in_channels,
+        conv.out_channels,
+        cin_p,
+        cout_p,
+        float(conv.slope),
+    )
+
+
+def output_side(n: int, kernel: int, padding: int, stride: int) -> int:
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+@triton.jit
+def _conv_bn_lrelu_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, H, W, C_in, Ho, Wo, C_out,
+    sxn, sxh, sxw, sxc,
+    syn, syh, syw, syc,
+    conv_stride, pad, slope,
+    KH: tl.constexpr, KW: tl.constexpr, CIN_P: tl.constexpr, COUT_P: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N * Ho * Wo
+    img = offs_m // (Ho * Wo)
+    rem = offs_m - img * (Ho * Wo)
+    oh = rem // Wo
+    ow = rem - oh * Wo
+    # int64 image offset: a batch of large tiles overflows int32 element offsets.
+    x_img = x_ptr + img.to(tl.int64) * sxn
+    ih0 = oh * conv_stride - pad
+    iw0 = ow * conv_stride - pad
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    ncb = tl.cdiv(C_in, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KH * KW * ncb):
+        t = it // ncb
+        cb = it - t * ncb
+        kh = t // KW
+        kw = t - kh * KW
+        ih = ih0 + kh
+        iw = iw0 + kw
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c = cb * BLOCK_K + offs_k
+        a = tl.load(
+            x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+            mask=pix_ok[:, None] & (c < C_in)[None, :],
+            other=0.0,
+        )
+        # Rows past C_in are zero in the padded layout: no mask needed.
+        b = tl.load(w_ptr + (t * CIN_P + c)[:, None] * COUT_P + offs_n[None, :])
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PREC)
+
+    y = acc + tl.load(b_ptr + offs_n)[None, :]
+    y = tl.where(y > 0, y, y * slope)
+    y_img = y_ptr + img.to(tl.int64) * syn
+    tl.store(
+        y_img[:, None] + (oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc,
+        y.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & (offs_n < C_out)[None, :],
+    )
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    cin_p, cout_p = args["CIN_P"], args["COUT_P"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cout_p and c.kwargs["BLOCK_K"] <= cin_p]
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=2)]
+
+
+def _configs():
+    out = []
+    for bm in (64, 128):
+        for bn in (16, 32, 64):
+            for bk in (16, 32, 64):
+                for warps, stages in ((4, 3), (8, 3)):
+                    if bm * bn >= 128 * 64 and warps == 4:
+                        continue
+                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return out
+
+
+_conv_bn_lrelu_tuned = triton.autotune(
+    configs=_configs(), key=["C_in", "C_out", "Ho", "Wo", "KH", "KW", "PREC"], prune_configs_by={"early_config_prune": _prune}
+)(_conv_bn_lrelu_kernel)
+
+# Interpreter: few, wide programs (numpy vectorises inside a program; every
+# program and loop trip costs Python overhead).
+INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}
+
+
+def conv_bn_lrelu(
+    x: torch.Tensor,
+    cw: ConvWeights,
+    *,
+    stride: int | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    tf32: bool = False,
+) -> torch.Tensor:
+    """``leaky_relu(conv(x, w') + b')`` on an NHWC ``x`` (any strides, e.g. a
+    permuted NCHW tensor). Returns NHWC ``(N, Ho, Wo, C_out)``, or writes into
+    ``out`` (any strides, same shape). ``stride`` overrides the conv's own.
+    """
+    check_nhwc(x, cw.cin)
+    s = cw.stride if stride is None else int(stride)
+    if s < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    n, h, w, _ = x.shape
+    ho, wo = output_side(h, cw.kernel, cw.padding, s), output_side(w, cw.kernel, cw.padding, s)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x is too small for a {cw.kernel}x{cw.kernel} conv with padding {cw.padding}: got H, W = {h}, {w}")
+    if out is None:
+        out = torch.empty((n, ho, wo, cw.cout), device=x.device, dtype=out_dtype or cw.weight.dtype)
+    elif tuple(out.shape) != (n, ho, wo, cw.cout):
+        raise ValueError(f"out must have shape {(n, ho, wo, cw.cout)}, got {tuple(out.shape)}")
+    if x.device != cw.weight.device:
+        raise ValueError(f"x is on {x.device} but the weights are on {cw.weight.device}")
+    args = (
+        x, cw.weight, cw.bias, out,
+        n, h, w, cw.cin, ho, wo, cw.cout,
+        *x.stride(), *out.stride(),
+        s, cw.padding, cw.slope,
+    )
+    meta = dict(KH=cw.kernel, KW=cw.kernel, CIN_P=cw.cin_p, COUT_P=cw.cout_p, PREC=dot_precision(cw.weight.dtype, tf32))
+    m = n * ho * wo
+    if interpreting():
+        bl = dict(INTERPRET_BLOCKS)
+        bl["BLOCK_N"] = min(bl["BLOCK_N"], cw.cout_p)
+        bl["BLOCK_K"] = min(bl["BLOCK_K"], cw.cin_p)
+        grid = (triton.cdiv(m, bl["BLOCK_M"]), triton.cdiv(cw.cout, bl["BLOCK_N"]))
+        _conv_bn_lrelu_kernel[grid](*args, **meta, **bl)
+    else:
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cw.cout, META["BLOCK_N"]))  # noqa: E731
+        _conv_bn_lrelu_tuned[grid](*args, **meta)
+    return out
