@@ -12,7 +12,7 @@ __all__ = ["main", "build_parser"]
 def _add_data_args(p):
     p.add_argument("--dataset", required=True, choices=["vgg_cells", "mbm", "folder"])
     p.add_argument("--data-root", required=True, help="folder holding the dataset (or its parent)")
-    p.add_argument("--red-threshold", type=float, default=128, help="R - max(G,B) for a red dot pixel (0..255)")
+    p.add_argument("--red-threshold", type=float, default=100, help="R - max(G,B) for a red dot pixel (0..255)")
     p.add_argument("--no-halve", action="store_true", help="MBM: keep 600x600 (the paper halves to 300x300)")
 
 

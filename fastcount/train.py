@@ -256,7 +256,7 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{best_mae:.2f}")
             val = evaluate(model, dataset, val_idx, device) if val_idx else {"mae": float(np.mean(losses))}

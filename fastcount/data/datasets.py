@@ -6,9 +6,11 @@
 Dot annotations are read from
 - exact dot images: RGB with pure red dots (255, 0, 0) (VGG cells), or
   1-bit / grayscale images where a non-zero pixel is a dot (MBM);
-- lossy dot images (JPEG): a dot is a strongly red pixel (R - max(G, B) at
-  least ``red_threshold``) that is the local maximum of redness in its 3x3
-  neighbourhood, so the blur JPEG adds around a dot counts once;
+- lossy dot images (JPEG): a dot is a strongly red pixel, R - max(G, B) at
+  least ``red_threshold`` (default 100). Single-pixel dots survive JPEG
+  only without chroma subsampling (4:4:4); at quality >= 75 the default
+  threshold recovers VGG's dots exactly (tested). With 4:2:0 subsampling a
+  one-pixel dot is smeared below any usable threshold: save dot JPEGs 4:4:4;
 - point lists: CSV of ``row,col`` (a header line is allowed) or GeoJSON
   Point features (x = col, y = row).
 """
@@ -30,7 +32,7 @@ POINT_EXTS = (".csv", ".geojson", ".json")
 DATASETS = ("vgg_cells", "mbm", "folder")
 # Size of the reference held-out test set (the last images in sorted order).
 TEST_SIZE = {"vgg_cells": 100, "mbm": 11}
-DEFAULT_RED_THRESHOLD = 128
+DEFAULT_RED_THRESHOLD = 100
 
 
 class DotDataset(Sequence):
@@ -85,7 +87,7 @@ def read_image(path) -> np.ndarray:
         raise ValueError(f"cannot read {path} as an image: {e}") from e
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"image {path} is empty")
-    return np.ascontiguousarray(a)
+    return np.array(a, copy=True, order="C")  # PIL arrays are read-only
 
 
 def _redness(a: np.ndarray) -> np.ndarray:
@@ -93,33 +95,15 @@ def _redness(a: np.ndarray) -> np.ndarray:
     return a[..., 0] - np.maximum(a[..., 1], a[..., 2])
 
 
-def _local_max_dots(score: np.ndarray, threshold: float) -> np.ndarray:
-    """One dot per 3x3 local maximum of ``score`` above ``threshold``; plateaus count once."""
-    h, w = score.shape
-    p = np.pad(score.astype(np.int32), 1, constant_values=np.iinfo(np.int32).min)
-    cand = score >= threshold
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            nb = p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-            # Strictly greater than the neighbours that come later in raster
-            # order, at least as large as the earlier ones: one pixel per plateau.
-            if (dy, dx) > (0, 0):
-                cand &= score >= nb
-            else:
-                cand &= score > nb
-    return cand.astype(np.int64)
-
-
-def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD, lossy: bool | None = None) -> np.ndarray:
+def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD) -> np.ndarray:
     """A dot annotation file as an HxW int64 count map.
 
     Args:
         path: dot image (PNG/TIFF/BMP exact, JPEG lossy) or point list (CSV/GeoJSON).
         shape: (H, W) of the image; required for point lists, checked for dot images.
-        red_threshold: minimum R - max(G, B) (0..255) for a red dot pixel.
-        lossy: force lossy (local-maximum) decoding; default: by file extension.
+        red_threshold: minimum R - max(G, B) (0..255) for a red dot pixel; for
+            grayscale JPEG dot images, the minimum value. Exact PNG/TIFF dots
+            (255, 0, 0) or non-zero 1-bit pixels pass any threshold.
     """
     path = Path(path)
     if not path.is_file():
@@ -146,19 +130,14 @@ def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD, lo
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            a = np.asarray(im.convert("RGB") if mode not in ("1", "L", "I;16", "I") else im)
+            a = np.array(im.convert("RGB") if mode not in ("1", "L", "I;16", "I") else im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read dot annotations from {path}: {e}") from e
     if shape is not None and tuple(a.shape[:2]) != tuple(shape):
         raise ValueError(f"dot image {path} has shape {a.shape[:2]}, the image has {tuple(shape)}")
-    if a.ndim == 2:  # 1-bit or grayscale: every non-zero pixel is a dot
-        if lossy or (lossy is None and ext in LOSSY_EXTS):
-            return _local_max_dots(a.astype(np.int16), red_threshold)
-        return (a > 0).astype(np.int64)
-    red = _redness(a)
-    if lossy or (lossy is None and ext in LOSSY_EXTS):
-        return _local_max_dots(red, red_threshold)
-    return (red >= red_threshold).astype(np.int64)
+    if a.ndim == 2:  # 1-bit or grayscale: a non-zero (lossy: bright) pixel is a dot
+        return (a >= red_threshold if ext in LOSSY_EXTS else a > 0).astype(np.int64)
+    return (_redness(a) >= red_threshold).astype(np.int64)
 
 
 def _read_points(path: Path) -> np.ndarray:
@@ -262,7 +241,7 @@ def _pairs_folder(root: Path):
 
 
 def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: float = DEFAULT_RED_THRESHOLD,
-                 lossy: bool | None = None, limit: int | None = None) -> DotDataset:
+                 limit: int | None = None) -> DotDataset:
     """Load a dot-annotated dataset.
 
     Args:
@@ -270,7 +249,7 @@ def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: f
         root: the dataset folder (or its parent).
         halve: 2x2-pool images and sum-pool dots (the paper's MBM protocol,
             600 -> 300). Default: off; ``fastcount train`` turns it on for MBM.
-        red_threshold, lossy: see ``read_dots``.
+        red_threshold: see ``read_dots``.
         limit: load only the first ``limit`` pairs (sorted order).
     """
     if name not in DATASETS:
@@ -286,7 +265,7 @@ def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: f
         if not dot_path.is_file():
             raise FileNotFoundError(f"dot annotation {dot_path} for image {img_path} not found")
         img = read_image(img_path)
-        d = read_dots(dot_path, img.shape[:2], red_threshold=red_threshold, lossy=lossy)
+        d = read_dots(dot_path, img.shape[:2], red_threshold=red_threshold)
         if halve:
             img, d = _halve(img, d)
         images.append(img)

@@ -1,0 +1,366 @@
+"""Slide readers behind one small interface.
+
+Every reader exposes ``level_count``, ``level_shapes`` ((H, W) per level),
+``downsamples``, ``mpp`` (microns per pixel at level 0, or None) and
+``read_region(level, y, x, h, w) -> (h, w, 3)`` array, opens lazily and never
+decodes a whole level (plain PNG/JPEG images are the exception: they have no
+tiles, so PIL decodes them once).
+
+Pixel conversions (the same for every reader):
+- grayscale (HxW or HxWx1) is repeated to 3 channels; RGBA / 4+ channels keep
+  the first three (alpha dropped; OpenSlide's premultiplied-alpha RGBA is
+  composited on white where alpha < 255, as OpenSlide recommends);
+- uint8 is used as is; uint16 is scaled to 0..255 by ``x / 257`` and rounded;
+  other integer dtypes must already lie in 0..255; float arrays are taken as
+  0..255 intensities unchanged (float32) so that array inputs count exactly
+  as ``model(tensor)`` would; bool and complex are rejected.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SlideReader", "ArrayReader", "TiffReader", "OpenSlideReader", "ImageReader", "open_reader",
+           "SlideReadError", "to_rgb", "OPENSLIDE_EXTS"]
+
+OPENSLIDE_EXTS = (".svs", ".ndpi", ".mrxs", ".dcm", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".tif", ".tiff")
+TIFF_EXTS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".qptiff")
+PIL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class SlideReadError(ValueError):
+    """A slide could not be opened or a region of it could not be decoded."""
+
+
+def to_rgb(a: np.ndarray, name: str = "image") -> np.ndarray:
+    """Convert a region to (h, w, 3) uint8 (or float32 for float sources); see module doc."""
+    a = np.asarray(a)
+    if a.dtype == np.bool_ or a.dtype.kind not in "uif":
+        raise TypeError(f"{name} must hold uint8/uint16/integer or float intensities, got dtype {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be HxW or HxWxC, got {a.ndim} dimensions (shape {a.shape})")
+    c = a.shape[2]
+    if c == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif c >= 3:
+        a = a[:, :, :3]
+    else:
+        raise ValueError(f"{name} must have 1, 3 or 4 channels, got {c} (shape {a.shape})")
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype == np.uint16:
+        return np.round(a.astype(np.float32) / 257.0).astype(np.uint8)
+    if a.dtype.kind == "f":
+        if a.size and not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise ValueError(f"{name} has dtype {a.dtype} with values outside 0..255; pass uint8, uint16 or 0..255 data")
+    return a.astype(np.uint8)
+
+
+class SlideReader:
+    """Interface; subclasses set ``level_shapes``, ``mpp``, ``name`` and implement ``_read``."""
+
+    name: str = "array"
+    level_shapes: list[tuple[int, int]]
+    mpp: float | None = None
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_shapes)
+
+    @property
+    def downsamples(self) -> list[float]:
+        h0, w0 = self.level_shapes[0]
+        return [0.5 * (h0 / h + w0 / w) for h, w in self.level_shapes]
+
+    @property
+    def dtype(self):
+        return np.uint8
+
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels ``[y, y+h) x [x, x+w)`` of ``level`` as (h, w, 3); the box must lie inside the level."""
+        H, W = self.level_shapes[level]
+        if not (0 <= y and 0 <= x and h > 0 and w > 0 and y + h <= H and x + w <= W):
+            raise ValueError(f"region y={y} x={x} h={h} w={w} lies outside level {level} of {self.name} ({H}x{W})")
+        try:
+            a = self._read(level, y, x, h, w)
+        except (SlideReadError, TypeError, ValueError) as e:
+            if isinstance(e, SlideReadError):
+                raise
+            raise SlideReadError(f"cannot read region (y={y}, x={x}, h={h}, w={w}) of level {level} of {self.name}: {e}") from e
+        except Exception as e:  # decoder errors come in library-specific types
+            raise SlideReadError(f"cannot read region (y={y}, x={x}, h={h}, w={w}) of level {level} of {self.name}: "
+                                 f"{type(e).__name__}: {e}") from e
+        a = to_rgb(a, self.name)
+        if a.shape[:2] != (h, w):
+            raise SlideReadError(f"{self.name}: reader returned {a.shape[:2]} for a {h}x{w} region")
+        return a
+
+    def _read(self, level, y, x, h, w):
+        raise NotImplementedError
+
+    def thumbnail_level(self, max_side: int = 2048) -> int:
+        """The finest level whose long side is at most ``max_side`` (else the coarsest)."""
+        for i, (h, w) in enumerate(self.level_shapes):
+            if max(h, w) <= max_side:
+                return i
+        return self.level_count - 1
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, levels={self.level_shapes})"
+
+
+class ArrayReader(SlideReader):
+    """numpy, zarr or dask arrays (HxW or HxWxC): one level, sliced lazily."""
+
+    def __init__(self, array, name: str = "source"):
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", None)
+        if shape is None or dtype is None:
+            raise TypeError(f"{name} must be a path, numpy, zarr or dask array, got {type(array).__name__}")
+        if len(shape) not in (2, 3):
+            raise ValueError(f"{name} must be HxW or HxWxC, got shape {tuple(shape)}")
+        if len(shape) == 3 and shape[2] not in (1, 3, 4):
+            raise ValueError(f"{name} must have 1, 3 or 4 channels, got shape {tuple(shape)}")
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"{name} is empty: shape {tuple(shape)}")
+        dt = np.dtype(dtype)
+        if dt == np.bool_ or dt.kind not in "uif":
+            raise TypeError(f"{name} must hold uint8/uint16/integer or float intensities, got dtype {dt}")
+        self.array = array
+        self.name = name
+        self.level_shapes = [(int(shape[0]), int(shape[1]))]
+        self._float = dt.kind == "f"
+
+    @property
+    def dtype(self):
+        return np.float32 if self._float else np.uint8
+
+    def _read(self, level, y, x, h, w):
+        a = self.array[y : y + h, x : x + w]
+        if hasattr(a, "compute"):  # dask
+            a = a.compute()
+        return np.asarray(a)
+
+
+class TiffReader(SlideReader):
+    """Tiled / pyramidal TIFF (incl. OME-TIFF, SubIFD pyramids, SVS) through tifffile + zarr."""
+
+    def __init__(self, path):
+        import tifffile
+
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+            levels = [lv for lv in series.levels]
+            axes = series.axes
+        except Exception as e:
+            raise SlideReadError(f"tifffile cannot open {path}: {type(e).__name__}: {e}") from e
+        if not (axes.endswith("YXS") or axes.endswith("YX")) or any(len(lv.shape) != len(axes) for lv in levels):
+            raise SlideReadError(f"{path}: unsupported TIFF layout {axes!r} (expected a 2-D RGB or grayscale image)")
+        lead = len(axes) - (3 if axes.endswith("YXS") else 2)
+        self._lead = (0,) * lead  # first plane of any extra leading axes (T/C/Z)
+        ydim = lead
+        self.level_shapes = [(int(lv.shape[ydim]), int(lv.shape[ydim + 1])) for lv in levels]
+        self._zarr = {}
+        self._lock = threading.Lock()
+        self.mpp = _tiff_mpp(self._tif)
+        # Decode one pixel now, so unsupported compressions fail at open, not mid-run.
+        try:
+            self._level(0)[self._lead + (slice(0, 1), slice(0, 1))]
+        except Exception as e:
+            self.close()
+            raise SlideReadError(f"tifffile cannot decode {path}: {type(e).__name__}: {e}") from e
+
+    def _level(self, level):
+        z = self._zarr.get(level)
+        if z is None:
+            with self._lock:
+                z = self._zarr.get(level)
+                if z is None:
+                    import zarr
+
+                    z = zarr.open(self._tif.aszarr(series=0, level=level), mode="r")
+                    self._zarr[level] = z
+        return z
+
+    def _read(self, level, y, x, h, w):
+        return np.asarray(self._level(level)[self._lead + (slice(y, y + h), slice(x, x + w))])
+
+    def close(self):
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+
+
+def _tiff_mpp(tif) -> float | None:
+    """Microns per pixel from OME, Aperio or resolution tags, when the file says."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            import re
+
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            if m:
+                u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                v = float(m.group(1))
+                unit = u.group(1) if u else "µm"
+                return v * {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit, 1.0)
+        page = tif.pages[0]
+        desc = page.description or ""
+        if "MPP = " in desc:  # Aperio
+            return float(desc.split("MPP = ")[1].split("|")[0].strip())
+        tags = page.tags
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            num, den = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+            if num and den and unit in (2, 3):  # inch, centimetre
+                return (25400.0 if unit == 2 else 10000.0) * den / num
+    except Exception:  # metadata is optional; a missing mpp only disables level-by-mpp
+        return None
+    return None
+
+
+class OpenSlideReader(SlideReader):
+    """Anything OpenSlide opens: SVS, NDPI, MRXS, DICOM WSI, generic tiled TIFF, ..."""
+
+    def __init__(self, path):
+        try:
+            import openslide
+        except ImportError as e:
+            raise SlideReadError(f"reading {path} needs openslide: pip install 'fastcount[slides]'") from e
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except Exception as e:
+            raise SlideReadError(f"OpenSlide cannot open {path}: {type(e).__name__}: {e}") from e
+        self.level_shapes = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+        self._downsamples = [float(d) for d in self._slide.level_downsamples]
+        props = self._slide.properties
+        try:
+            mx, my = float(props.get("openslide.mpp-x", "nan")), float(props.get("openslide.mpp-y", "nan"))
+            self.mpp = 0.5 * (mx + my) if np.isfinite(mx) and np.isfinite(my) else None
+        except ValueError:
+            self.mpp = None
+
+    @property
+    def downsamples(self):
+        return list(self._downsamples)
+
+    def _read(self, level, y, x, h, w):
+        ds = self._downsamples[level]
+        # OpenSlide takes the top-left corner in level-0 coordinates.
+        im = self._slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        a = np.asarray(im)
+        rgb, alpha = a[:, :, :3], a[:, :, 3:4]
+        if alpha.min() < 255:  # premultiplied; transparent (no data) becomes white background
+            rgb = (rgb.astype(np.uint16) + (255 - alpha.astype(np.uint16))).clip(0, 255).astype(np.uint8)
+        return rgb
+
+    def close(self):
+        s = getattr(self, "_slide", None)
+        if s is not None:
+            s.close()
+
+
+class ImageReader(SlideReader):
+    """PNG / JPEG / BMP and other PIL images: decoded once (they have no tiles)."""
+
+    def __init__(self, path):
+        from PIL import Image, UnidentifiedImageError
+
+        self.path = Path(path)
+        self.name = str(path)
+        Image.MAX_IMAGE_PIXELS = None  # our own inputs; the size check below is ours
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    a = np.asarray(im).astype(np.uint16 if im.mode.startswith("I;16") else np.int64)
+                    if a.dtype == np.int64:
+                        a = (a / 257.0).round().clip(0, 255).astype(np.uint8) if a.max() > 255 else a.astype(np.uint8)
+                elif im.mode in ("L", "RGB", "RGBA", "LA"):
+                    a = np.asarray(im)
+                    if im.mode == "LA":
+                        a = a[:, :, 0]
+                else:
+                    a = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise SlideReadError(f"cannot read {path} as an image: {e}") from e
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise SlideReadError(f"image {path} is empty")
+        self._a = to_rgb(a, str(path))
+        self.level_shapes = [self._a.shape[:2]]
+
+    def _read(self, level, y, x, h, w):
+        return self._a[y : y + h, x : x + w]
+
+
+def _has_suffix(path: Path, exts) -> bool:
+    n = path.name.lower()
+    return any(n.endswith(e) for e in exts)
+
+
+def open_reader(source, name: str = "source") -> SlideReader:
+    """A reader for ``source``: a path (slide or image file), or a numpy/zarr/dask array.
+
+    Paths are tried in order of fit: PIL images by extension; TIFF-family files
+    through tifffile first (OME and SubIFD pyramids), then OpenSlide; other
+    slide formats through OpenSlide, then tifffile. The error names the file
+    and every reader's complaint.
+    """
+    if isinstance(source, SlideReader):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: slide/image file not found: {path}")
+        if path.is_dir() and not _has_suffix(path, (".zarr",)):
+            raise SlideReadError(f"{name}: {path} is a directory, expected a slide or image file")
+        if _has_suffix(path, (".zarr",)):
+            import zarr
+
+            return ArrayReader(zarr.open(str(path), mode="r"), name=str(path))
+        if _has_suffix(path, PIL_EXTS):
+            order = [ImageReader]
+        elif _has_suffix(path, (".tif", ".tiff", ".btf", ".tf8", ".qptiff")):
+            order = [TiffReader, OpenSlideReader]
+        elif _has_suffix(path, OPENSLIDE_EXTS):
+            order = [OpenSlideReader, TiffReader]
+        else:
+            order = [OpenSlideReader, TiffReader, ImageReader]
+        errors = []
+        for cls in order:
+            try:
+                reader = cls(path)
+            except SlideReadError as e:
+                errors.append(str(e))
+                continue
+            if reader.level_shapes[0][0] < 1 or reader.level_shapes[0][1] < 1:
+                reader.close()
+                raise SlideReadError(f"{name}: {path} is empty (shape {reader.level_shapes[0]})")
+            return reader
+        raise SlideReadError(f"{name}: cannot open {path} as a slide or image: " + "; ".join(errors))
+    if isinstance(source, np.ndarray) or (hasattr(source, "shape") and hasattr(source, "dtype") and hasattr(source, "__getitem__")):
+        if type(source).__module__.startswith("torch"):
+            raise TypeError(f"{name}: pass a torch tensor as a numpy HxWxC array (tensor.permute(1, 2, 0).numpy())")
+        return ArrayReader(source, name=name)
+    raise TypeError(f"{name} must be a path, a numpy array, a zarr array or a dask array, got {type(source).__name__}")

@@ -1,0 +1,199 @@
+"""``SlideCount``: the total, the density grid, and its exports.
+
+The density grid sums the count map over ``cell x cell`` blocks of count-map
+pixels (divided by the redundancy), so it adds up to the total. Count-map
+pixel ``Y`` (full resolution) sees input rows ``Y - r .. Y``; its window is
+centred on image row ``Y - r/2``. Exports place block ``(i, j)`` over the
+image accordingly: level-0 rows ``(i * cell * s - r/2) * downsample`` onwards.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SlideCount", "colormap"]
+
+# Anchor colours of a perceptually ordered map (viridis-like), interpolated to 256 entries.
+_ANCHORS = np.array([
+    (68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
+    (31, 158, 137), (53, 183, 121), (110, 206, 88), (181, 222, 43), (253, 231, 37),
+], dtype=np.float64)
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8."""
+    v = np.clip(np.nan_to_num(np.asarray(v, dtype=np.float64)), 0, 1) * (len(_ANCHORS) - 1)
+    i = np.minimum(v.astype(np.int64), len(_ANCHORS) - 2)
+    f = (v - i)[..., None]
+    return np.round(_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).astype(np.uint8)
+
+
+@dataclass
+class SlideCount:
+    """Result of ``count_slide``.
+
+    Attributes:
+        total: the count (float; sum over tiles in float64 / (r/s)^2).
+        density: float64 ``(ceil(H'/cell), ceil(W'/cell))`` counts per
+            ``cell x cell`` block of the count map; ``density.sum() == total``
+            up to float rounding.
+        cell: block side in count-map pixels (one count-map pixel = ``stride``
+            image pixels at the counted level).
+        stats: timings and sizes (``tiles_processed``, ``tiles_skipped``,
+            ``seconds``, ``megapixels_per_s``, ``peak_rss_mb``, ...).
+    """
+
+    total: float
+    density: np.ndarray
+    cell: int
+    stats: dict
+    source: str = ""
+    level: int = 0
+    shape: tuple = (0, 0)  # (H, W) at the counted level
+    downsample: float = 1.0  # counted level -> level 0
+    patch_size: int = 32
+    stride: int = 1
+    mpp: float | None = None
+    thumbnail: np.ndarray | None = field(default=None, repr=False)
+
+    def __float__(self):
+        return float(self.total)
+
+    def __repr__(self):
+        return (f"SlideCount(total={self.total:.2f}, source={self.source!r}, level={self.level}, "
+                f"shape={tuple(self.shape)}, density={self.density.shape}, cell={self.cell})")
+
+    # ----------------------------------------------------------------- geometry of blocks
+
+    def block_box(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """Image box (y0, x0, y1, x1) of density block (i, j) at the counted level, clipped to the image."""
+        side = self.cell * self.stride
+        off = self.patch_size / 2
+        H, W = self.shape
+        y0, x0 = max(i * side - off, 0.0), max(j * side - off, 0.0)
+        y1, x1 = min((i + 1) * side - off, H), min((j + 1) * side - off, W)
+        return y0, x0, y1, x1
+
+    # ----------------------------------------------------------------- exports
+
+    def to_dict(self) -> dict:
+        return {
+            "total": float(self.total),
+            "source": self.source,
+            "level": self.level,
+            "shape": list(self.shape),
+            "downsample": self.downsample,
+            "mpp": self.mpp,
+            "patch_size": self.patch_size,
+            "stride": self.stride,
+            "cell": self.cell,
+            "density_shape": list(self.density.shape),
+            "density": self.density.tolist(),
+            "stats": {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in self.stats.items()},
+        }
+
+    def to_json(self, path=None, include_density: bool = True) -> str:
+        """JSON text of the result (the density grid as nested lists unless ``include_density=False``);
+        written to ``path`` as well when given."""
+        d = self.to_dict()
+        if not include_density:
+            d.pop("density")
+        text = json.dumps(d)
+        if path is not None:
+            _atomic_write_text(Path(path), text)
+        return text
+
+    def to_geojson(self, path=None, min_count: float = 0.0) -> dict:
+        """The density grid as a QuPath-importable GeoJSON FeatureCollection.
+
+        One square ``Polygon`` per block whose count exceeds ``min_count``, in
+        level-0 pixel coordinates (x, y), with ``properties.objectType = "tile"``
+        and a ``"Count"`` measurement (QuPath 0.4+ dict form).
+        """
+        feats = []
+        ds = self.downsample
+        for i, j in zip(*np.nonzero(self.density > min_count)):
+            y0, x0, y1, x1 = self.block_box(int(i), int(j))
+            if y1 <= y0 or x1 <= x0:
+                continue  # block lies entirely in the count map's margin outside the image
+            ring = [[x0 * ds, y0 * ds], [x1 * ds, y0 * ds], [x1 * ds, y1 * ds], [x0 * ds, y1 * ds], [x0 * ds, y0 * ds]]
+            feats.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "tile",
+                    "classification": {"name": "Density", "color": [255, 0, 0]},
+                    "measurements": {"Count": float(self.density[i, j])},
+                },
+            })
+        gj = {"type": "FeatureCollection", "features": feats}
+        if path is not None:
+            _atomic_write_text(Path(path), json.dumps(gj))
+        return gj
+
+    def save_heatmap(self, path, alpha: float = 0.55, max_side: int = 1024):
+        """PNG: the density over a thumbnail of the slide, with a colour bar (counts per block)."""
+        from PIL import Image, ImageDraw
+
+        H, W = self.shape
+        scale = min(1.0, max_side / max(H, W))
+        th, tw = max(1, int(round(H * scale))), max(1, int(round(W * scale)))
+        if self.thumbnail is not None:
+            base = np.asarray(Image.fromarray(self.thumbnail).resize((tw, th), Image.BILINEAR), dtype=np.float64)
+        else:
+            base = np.full((th, tw, 3), 128.0)
+        # Block of each thumbnail pixel: image row y -> count-map full-res row y + r/2.
+        side = self.cell * self.stride
+        ys = ((np.arange(th) + 0.5) * H / th + self.patch_size / 2) // side
+        xs = ((np.arange(tw) + 0.5) * W / tw + self.patch_size / 2) // side
+        ys = np.clip(ys.astype(np.int64), 0, self.density.shape[0] - 1)
+        xs = np.clip(xs.astype(np.int64), 0, self.density.shape[1] - 1)
+        d = self.density[ys[:, None], xs[None, :]]
+        vmax = float(np.percentile(self.density, 99.5)) if self.density.size else 0.0
+        vmax = vmax if vmax > 0 else max(float(self.density.max(initial=0.0)), 1e-12)
+        col = colormap(d / vmax).astype(np.float64)
+        out = np.round((1 - alpha) * base + alpha * col).clip(0, 255).astype(np.uint8)
+
+        # Colour bar on the right, drawn by hand (matplotlib is not a dependency).
+        bar_w, pad, label_w = 18, 10, 90
+        canvas_h = max(th, 160)
+        canvas = Image.new("RGB", (tw + pad + bar_w + label_w, canvas_h + 24), (255, 255, 255))
+        canvas.paste(Image.fromarray(out), (0, 0))
+        bar_h = min(th, canvas_h) - 4 if th >= 60 else canvas_h - 4
+        ramp = colormap(np.linspace(1, 0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+        canvas.paste(Image.fromarray(ramp), (tw + pad, 2))
+        draw = ImageDraw.Draw(canvas)
+        for k in range(5):
+            v = vmax * (1 - k / 4)
+            yy = 2 + int(round(k / 4 * (bar_h - 1)))
+            draw.line([(tw + pad + bar_w, yy), (tw + pad + bar_w + 4, yy)], fill=(0, 0, 0))
+            draw.text((tw + pad + bar_w + 6, max(0, yy - 6)), _fmt(v), fill=(0, 0, 0))
+        px = side * self.downsample
+        draw.text((2, canvas_h + 6), f"total {self.total:.1f}; colour: count per {px:g}x{px:g} px (level 0) block",
+                  fill=(0, 0, 0))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return path
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 100 or abs(v) < 0.01:
+        return f"{v:.3g}"
+    return f"{v:.2f}"
+
+
+def _atomic_write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

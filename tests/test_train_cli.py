@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastcount import load_model
+from fastcount.data import load_dataset
+from fastcount.io import read_metadata
+from fastcount.train import TrainConfig, evaluate, split_indices, train
+
+from conftest import DATASETS
+
+
+@pytest.fixture(scope="module")
+def small_vgg():
+    ds = load_dataset("vgg_cells", DATASETS)
+    return ds
+
+
+def test_split_protocol():
+    tr, va, te = split_indices(200, 100, 32, 32, seed=4)
+    assert len(tr) == 32 and len(va) == 32 and te == list(range(100, 200))
+    assert not set(tr) & set(va) and max(tr + va) < 100
+    assert split_indices(200, 100, 32, 32, seed=4) == (tr, va, te)
+    assert split_indices(200, 100, 32, 32, seed=5)[0] != tr
+    with pytest.raises(ValueError, match="exceeds"):
+        split_indices(44, 11, 20, 20, 0)
+
+
+def test_training_smoke_and_resume(tmp_path, small_vgg):
+    cfg = TrainConfig(n_train=2, n_val=1, epochs=1, crop=40, width=0.0625, batch_size=2, seed=0)
+    out = tmp_path / "w.safetensors"
+    logs = []
+    res = train(small_vgg, cfg, out=out, progress=False, log=logs.append)
+    assert out.is_file() and (tmp_path / "w.safetensors.ckpt").is_file()
+    assert len(res.history) == 1 and np.isfinite(res.history[0]["train_loss"])
+    assert "epoch 1/1" in logs[0] and "val_mae" in logs[0]
+    meta = read_metadata(out)
+    assert meta["config"]["width"] == 0.0625
+    m = load_model(out)
+    r = evaluate(m, small_vgg, [199])
+    assert r["n"] == 1 and np.isfinite(r["mae"])
+    # resume: a second epoch continues from the checkpoint, history grows
+    logs2 = []
+    res2 = train(small_vgg, cfg, out=out, resume=True, progress=False, log=logs2.append, epochs=2)
+    assert "resumed" in logs2[0] and len(res2.history) == 2
+    # a checkpoint of another run is refused, not silently mixed
+    with pytest.raises(ValueError, match="different run"):
+        train(small_vgg, cfg, out=out, resume=True, progress=False, log=logs2.append, epochs=3, seed=9)
+
+
+def test_training_step_reduces_loss_on_fixed_batch(small_vgg):
+    torch.manual_seed(0)
+    cfg = TrainConfig(n_train=2, n_val=0, epochs=6, crop=48, width=0.125, batch_size=2, lr=3e-3, augment=False)
+    res = train(small_vgg, cfg, progress=False, log=lambda s: None)
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+
+
+def test_train_bad_config(small_vgg):
+    with pytest.raises(ValueError, match="epochs"):
+        train(small_vgg, TrainConfig(epochs=0), progress=False)
+    with pytest.raises(ValueError, match="crop"):
+        train(small_vgg, TrainConfig(crop=-3), progress=False)
+    with pytest.raises(TypeError, match="unknown training option"):
+        train(small_vgg, TrainConfig(), progress=False, nonsense=1)
+
+
+def test_cli_train_and_evaluate(tmp_path):
+    out = tmp_path / "cli.safetensors"
+    root = str(DATASETS)
+    r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root", root,
+                        "--n-train", "2", "--n-val", "1", "--epochs", "1", "--crop", "40", "--width", "0.0625",
+                        "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stdout + r.stderr and "test MAE" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastcount", "evaluate", "--dataset", "vgg_cells", "--data-root", root,
+                        "--weights", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "test MAE" in r.stdout and "on 100 images" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root",
+                        str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "dataset folder not found" in r.stderr
