@@ -29,10 +29,17 @@ def extensions():
     from torch.utils import cpp_extension
 
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    use_cuda = bool(cu) and torch.cuda.is_available() or (
-        bool(cu) and cpp_extension.CUDA_HOME is not None and os.environ.get("FASTCOUNT_FORCE_CUDA") == "1"
+    # CUDA kernels are built whenever torch itself is a CUDA build and nvcc is
+    # found (a GPU need not be visible at build time); FASTCOUNT_NO_CUDA=1 opts out.
+    use_cuda = (
+        bool(cu)
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("FASTCOUNT_NO_CUDA") != "1"
     )
-    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    # No -std flag: BuildExtension picks the standard the installed torch needs
+    # (C++17 or C++20, depending on the torch version).
+    extra = {"cxx": ["-O3", "-fopenmp"]}
     kwargs = dict(
         name="fastcount._C",
         sources=cpp,
@@ -41,7 +48,9 @@ def extensions():
         extra_link_args=["-fopenmp"],
     )
     if use_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        # no --use_fast_math: it flushes float32 denormals, and the CUDA results
+        # must match the CPU kernels bit for bit.
+        extra["nvcc"] = ["-O3"]
         kwargs["sources"] = cpp + cu
         kwargs["define_macros"] = [("FASTCOUNT_WITH_CUDA", "1")]
         ext = cpp_extension.CUDAExtension(**kwargs)

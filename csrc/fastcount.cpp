@@ -1,0 +1,43 @@
+// fastcount._C: registers the fastcount op schemas with the dispatcher.
+//
+// Schemas are defined once here (TORCH_LIBRARY); each device provides its
+// kernels with TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/, as torchvision
+// does. Fake (meta) kernels for torch.compile live in Python (fastcount/ops.py,
+// torch.library.register_fake), where symbolic shapes are handled for free.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "fastcount_ops.h"
+
+TORCH_LIBRARY(fastcount, m) {
+  // The Python module that registers the fake kernels: torch points users there
+  // if they load this library without importing fastcount.
+  m.set_python_module("fastcount.ops");
+  m.def("make_targets(Tensor dots, int patch_size=32, int stride=1) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("make_targets_from_points(Tensor points, int height, int width, int patch_size=32, "
+        "int stride=1) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("redundant_count(Tensor count_map, int patch_size=32, int stride=1, int cell=0) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
+// A plain CPython module (no pybind11): importing it runs the static
+// registrations above. `with_cuda` tells Python whether CUDA kernels exist.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fastcount compiled ops", -1,
+                                   nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod == nullptr) return nullptr;
+#ifdef FASTCOUNT_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(mod, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
