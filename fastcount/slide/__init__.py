@@ -1,1 +1,16 @@
-"""Whole-slide counting: readers, tissue mask, tile plan, engine, outputs."""
+"""Whole-slide counting: readers, tissue mask, tile plan, engine, outputs.
+
+``count_slide(source, model)`` counts a slide or image of any size tile by
+tile and returns a ``SlideCount``; its total equals the whole-image count of
+the same model (SPEC §3) up to float rounding.
+"""
+from .engine import count_slide, peak_rss_mb, read_thumbnail
+from .mask import SlideMask, auto_mask, otsu_threshold
+from .plan import MIN_TILE, Tile, TilePlan, plan_tiles
+from .readers import (ArrayReader, ImageReader, OpenSlideReader, SlideReader, SlideReadError, TiffReader,
+                      open_reader)
+from .result import SlideCount
+
+__all__ = ["count_slide", "SlideCount", "open_reader", "SlideReader", "ArrayReader", "TiffReader",
+           "OpenSlideReader", "ImageReader", "SlideReadError", "plan_tiles", "TilePlan", "Tile", "MIN_TILE",
+           "auto_mask", "otsu_threshold", "SlideMask", "read_thumbnail", "peak_rss_mb"]
