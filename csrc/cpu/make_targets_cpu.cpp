@@ -16,19 +16,31 @@ namespace {
 
 // Horizontal pass of one output row: box sums of `v` (width values) over the
 // window of every output column, by the canonical chunked two-prefix scheme.
+// The top- and bottom-edge running sums of a chunk make the same additions
+// from the same start, so they are read off one prefix array `q` (relative to
+// the chunk start): a scalar dependent chain, then a vectorisable difference.
 template <typename acc_t>
-void row_box_sums(const acc_t* v, int64_t width, int64_t r, int64_t s, int64_t wo, float* out) {
+void row_box_sums(const acc_t* v, int64_t width, int64_t r, int64_t s, int64_t wo, float* out,
+                  acc_t* q) {
   const int64_t cc = chunk_outputs(s);
   for (int64_t x0 = 0; x0 < wo; x0 += cc) {
     const int64_t x1 = std::min(x0 + cc, wo);
-    const int64_t base = win_lo(x0, r, s);
-    acc_t phi = 0, plo = 0;
-    int64_t hx = base, lx = base;
-    for (int64_t xo = x0; xo < x1; ++xo) {
-      const int64_t hi = win_hi(xo, s, width), lo = win_lo(xo, r, s);
-      for (; hx < hi; ++hx) phi += v[hx];
-      for (; lx < lo; ++lx) plo += v[lx];
-      out[xo] = finish_acc<acc_t>(phi - plo);
+    const int64_t base = win_lo(x0, r, s), end = win_hi(x1 - 1, s, width);
+    acc_t run = 0;
+    q[0] = 0;
+    for (int64_t k = base; k < end; ++k) q[k - base + 1] = run += v[k];
+    // interior outputs (window not clipped by the row ends) in a branch-free,
+    // vectorisable loop; the clipped ones at either end take the general form
+    const int64_t a = std::min(std::max(x0, (r + s - 1) / s), x1);
+    const int64_t b = std::max(std::min(x1, width / s + 1), a);
+    for (int64_t xo = x0; xo < a; ++xo) {
+      out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
+    }
+    const acc_t* qh = q - base;
+    const acc_t* ql = q - base - r;
+    for (int64_t xo = a; xo < b; ++xo) out[xo] = finish_acc<acc_t>(qh[xo * s] - ql[xo * s]);
+    for (int64_t xo = b; xo < x1; ++xo) {
+      out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
     }
   }
 }
@@ -36,6 +48,15 @@ void row_box_sums(const acc_t* v, int64_t width, int64_t r, int64_t s, int64_t w
 template <typename in_t, typename acc_t>
 void add_row(acc_t* __restrict__ dst, const in_t* __restrict__ src, int64_t n) {
   for (int64_t x = 0; x < n; ++x) dst[x] += load_acc<acc_t>(src[x]);
+}
+template <typename in_t, typename acc_t>
+void sub_row(acc_t* __restrict__ dst, const in_t* __restrict__ src, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) dst[x] -= load_acc<acc_t>(src[x]);
+}
+template <typename in_t, typename acc_t>
+void slide_row(acc_t* __restrict__ dst, const in_t* __restrict__ enter, const in_t* __restrict__ leave,
+               int64_t n) {
+  for (int64_t x = 0; x < n; ++x) dst[x] += load_acc<acc_t>(enter[x]) - load_acc<acc_t>(leave[x]);
 }
 
 // One task = one image x one chunk of output rows. The vertical box sums of a
@@ -49,7 +70,7 @@ void make_targets_kernel(const in_t* dots, float* out, int64_t n_images, int64_t
   const int64_t ch = chunk_outputs(s);
   const int64_t n_chunks = (ho + ch - 1) / ch;
   at::parallel_for(0, n_images * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(w), bottom(w), v(w);
+    std::vector<acc_t> top(w), bottom(w), v(w), q(w + 1);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / n_chunks, y0 = (task % n_chunks) * ch;
       const int64_t y1 = std::min(y0 + ch, ho);
@@ -57,13 +78,22 @@ void make_targets_kernel(const in_t* dots, float* out, int64_t n_images, int64_t
       const int64_t base = win_lo(y0, r, s);
       std::fill(top.begin(), top.end(), acc_t(0));
       std::fill(bottom.begin(), bottom.end(), acc_t(0));
+      std::fill(v.begin(), v.end(), acc_t(0));
       int64_t hy = base, ly = base;
       for (int64_t yo = y0; yo < y1; ++yo) {
         const int64_t hi = win_hi(yo, s, h), lo = win_lo(yo, r, s);
-        for (; hy < hi; ++hy) add_row(top.data(), img + hy * w, w);
-        for (; ly < lo; ++ly) add_row(bottom.data(), img + ly * w, w);
-        for (int64_t x = 0; x < w; ++x) v[x] = top[x] - bottom[x];
-        row_box_sums(v.data(), w, r, s, wo, out + (n * ho + yo) * wo);
+        if constexpr (!std::is_same_v<acc_t, double>) {
+          // Integers: wrapping sums are exact in any order, so slide one row
+          // (add the entering row, drop the leaving one) in a single pass.
+          for (; hy < hi && ly < lo; ++hy, ++ly) slide_row(v.data(), img + hy * w, img + ly * w, w);
+          for (; hy < hi; ++hy) add_row(v.data(), img + hy * w, w);
+          for (; ly < lo; ++ly) sub_row(v.data(), img + ly * w, w);
+        } else {
+          for (; hy < hi; ++hy) add_row(top.data(), img + hy * w, w);
+          for (; ly < lo; ++ly) add_row(bottom.data(), img + ly * w, w);
+          for (int64_t x = 0; x < w; ++x) v[x] = top[x] - bottom[x];
+        }
+        row_box_sums(v.data(), w, r, s, wo, out + (n * ho + yo) * wo, q.data());
       }
     }
   });
