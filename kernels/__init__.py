@@ -17,9 +17,8 @@ On a CUDA device block shapes are autotuned; under ``TRITON_INTERPRET=1``
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
 
 __all__ = ["interpreting", "pad_channels", "dot_precision", "check_nhwc", "MIN_DOT"]
 
@@ -27,9 +26,18 @@ __all__ = ["interpreting", "pad_channels", "dot_precision", "check_nhwc", "MIN_D
 MIN_DOT = 16
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this package's kernels run through Triton's CPU interpreter.
+
+    Triton picks interpreter or compiler when a kernel is decorated, i.e. when
+    fastcount.kernels is imported, so this asks the decorated object rather
+    than the current environment."""
+    return type(_probe).__name__ == "InterpretedFunction"
 
 
 def pad_channels(c: int) -> int:

@@ -127,7 +127,7 @@ _head_tuned = triton.autotune(
     configs=_configs(), key=["C0", "Ho", "Wo", "C1_P", "C2_P", "PREC"], prune_configs_by={"early_config_prune": _prune}
 )(_head_kernel)
 
-INTERPRET_BLOCK_M = 128
+INTERPRET_BLOCK_M = 2048  # interpreter: few, wide programs
 _TUNED: dict = {}  # shape key -> launch config chosen by the autotuner
 
 
@@ -139,11 +139,13 @@ def head(
     out: torch.Tensor | None = None,
     emit_sums: bool = False,
     tf32: bool = False,
+    blocks: dict | None = None,
 ):
     """Head on NHWC ``x`` (N, H, W, C0) -> count map ``(N, 1, Ho, Wo)`` fp32,
     ``Ho = ceil(H / s)`` (or written into ``out``). With ``emit_sums`` returns
     ``(map, sums)`` where ``sums`` is ``(N, tiles)`` fp32 partial sums of the
-    map (sum them in float64 for the image total)."""
+    map (sum them in float64 for the image total). ``blocks`` ({"BLOCK_M": ..})
+    pins a launch config (tests force many tiles)."""
     check_nhwc(x, hw.c0)
     if x.device != hw.w1.device:
         raise ValueError(f"x is on {x.device} but the weights are on {hw.w1.device}")
@@ -168,8 +170,10 @@ def head(
             *hw.slopes,
         )
 
-    if interpreting():
-        cfg = {"BLOCK_M": INTERPRET_BLOCK_M}
+    if blocks is not None:
+        cfg = dict(blocks)
+    elif interpreting():
+        cfg = {"BLOCK_M": min(INTERPRET_BLOCK_M, triton.next_power_of_2(max(ho * wo, 16)))}
     else:
         key = (hw.c0, ho, wo, hw.c1_p, hw.c2_p, prec, x.dtype, x.device)
         cfg = _TUNED.get(key)

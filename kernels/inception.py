@@ -147,7 +147,8 @@ _inception_tuned = triton.autotune(
     configs=_configs(), key=["C_in", "A", "B", "H", "W", "PREC"], prune_configs_by={"early_config_prune": _prune}
 )(_inception_kernel)
 
-INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_K": 64}
+# Interpreter: few, wide programs (Python overhead per program and loop trip).
+INTERPRET_BLOCKS = {"BLOCK_M": 2048, "BLOCK_K": 64}
 
 
 def inception(
@@ -157,9 +158,11 @@ def inception(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     tf32: bool = False,
+    blocks: dict | None = None,
 ) -> torch.Tensor:
     """Both branches of an Inception block on NHWC ``x`` (any strides) ->
-    NHWC ``(N, H, W, A+B)``, 1x1 channels first (or written into ``out``)."""
+    NHWC ``(N, H, W, A+B)``, 1x1 channels first (or written into ``out``).
+    ``blocks`` (BLOCK_M/K, ...) pins a launch config (tests force many programs)."""
     check_nhwc(x, iw.cin)
     if x.device != iw.w1.device:
         raise ValueError(f"x is on {x.device} but the weights are on {iw.w1.device}")
@@ -176,9 +179,14 @@ def inception(
     )
     meta = dict(CIN_P=iw.cin_p, A_P=iw.a_p, B_P=iw.b_p, PREC=dot_precision(iw.w1.dtype, tf32))
     m = n * h * w
-    if interpreting():
-        bl = dict(INTERPRET_BLOCKS)
-        bl["BLOCK_K"] = min(bl["BLOCK_K"], iw.cin_p)
+    if blocks is not None or interpreting():
+        if blocks is not None:
+            bl = dict(blocks)
+        else:
+            bl = {"BLOCK_M": min(INTERPRET_BLOCKS["BLOCK_M"], triton.next_power_of_2(max(m, 16))),
+                  "BLOCK_K": min(INTERPRET_BLOCKS["BLOCK_K"], iw.cin_p)}
+        if bl["BLOCK_K"] > iw.cin_p or iw.cin_p % bl["BLOCK_K"]:
+            raise ValueError(f"blocks must have BLOCK_K dividing {iw.cin_p}, got {blocks}")
         _inception_kernel[(triton.cdiv(m, bl["BLOCK_M"]),)](*args, **meta, **bl)
     else:
         _inception_tuned[lambda META: (triton.cdiv(m, META["BLOCK_M"]),)](*args, **meta)
