@@ -1,4 +1,4 @@
-"""``fastcount`` command line: train, evaluate, count, info."""
+"""``fastcount`` command line: train, evaluate, count, demo, info."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,17 @@ def _add_train_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_count_args(p, tile=1024):
+    p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpu", "triton"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="reader threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -50,11 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=int, default=0, help="train+test K random splits; print mean +- std")
     _add_train_args(p)
 
-    p = sub.add_parser("count", help="count objects in an image")
-    p.add_argument("path")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("count", help="count objects in an image or a whole slide (exact tiled counting)")
+    p.add_argument("path", help="slide (SVS, NDPI, MRXS, DICOM, tiled/OME TIFF) or image (PNG, JPEG, ...)")
+    _add_count_args(p)
+    p.add_argument("--level", type=int, default=0, help="pyramid level to count at (0 = full resolution)")
+    p.add_argument("--mpp", type=float, default=None, help="instead of --level: target microns per pixel")
+    p.add_argument("--mask", default="auto",
+                   help="'auto' (tissue mask), 'none', or a mask image (non-zero = count) at any resolution")
+    p.add_argument("--heatmap", default=None, help="write a density heatmap PNG here")
+    p.add_argument("--geojson", default=None, help="write the density grid as QuPath GeoJSON here")
+    p.add_argument("--checkpoint", default=None, help="resume file for long slides")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("demo", help="count a synthetic slide with known ground truth (the main job, end to end)")
+    _add_count_args(p, tile=256)
+    p.add_argument("--size", type=int, default=1024, help="slide side in pixels (default 1024: well under a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tissue-fraction", type=float, default=0.15)
+    p.add_argument("--untrained", action="store_true",
+                   help="if no weights are installed, run with a random (untrained) model: the count is meaningless")
+    p.add_argument("--width", type=float, default=1.0, help="--untrained: filter-count multiplier of the random model")
+    p.add_argument("--out", default=None, help="keep the synthetic slide in this folder (default: a temp dir)")
+    p.add_argument("--heatmap", default="fastcount_demo_heatmap.png", help="heatmap PNG path")
 
     sub.add_parser("info", help="versions, compiled ops, devices")
     return ap
@@ -105,18 +133,83 @@ def cmd_evaluate(args):
     return 0
 
 
-def cmd_count(args):
-    from .api import count_image
-    from .data import read_image
+def _count_kwargs(args) -> dict:
+    return dict(tile=args.tile, batch_size=args.batch_size, device=args.device, backend=args.backend,
+                precision=args.precision, workers=args.workers, progress=not args.quiet)
 
-    t0 = time.perf_counter()
-    img = read_image(args.path)
-    n = count_image(img, args.weights, device=args.device)
-    dt = time.perf_counter() - t0
+
+def cmd_count(args):
+    from .data import read_image
+    from .slide import count_slide
+
+    mask = args.mask
+    if mask == "none":
+        mask = None
+    elif mask != "auto":
+        mask = read_image(mask).max(axis=2) > 0
+    res = count_slide(args.path, args.weights, level=args.level, mpp=args.mpp, mask=mask,
+                      checkpoint=args.checkpoint, **_count_kwargs(args))
+    if args.heatmap:
+        res.save_heatmap(args.heatmap)
+    if args.geojson:
+        res.to_geojson(args.geojson)
+    st = res.stats
     if args.json:
-        print(json.dumps({"path": args.path, "count": n, "seconds": dt}))
+        print(res.to_json(include_density=False))
     else:
-        print(f"{args.path}: {n:.1f} objects ({img.shape[1]}x{img.shape[0]} px, {dt:.2f}s)")
+        h, w = res.shape
+        print(f"{args.path}: {res.total:.1f} objects ({w}x{h} px at level {res.level}; "
+              f"{st['tiles_processed']} tiles counted, {st['tiles_skipped']} skipped as background; "
+              f"{st['seconds']:.1f}s, {st['megapixels_per_s']:.2f} Mpx/s, peak RSS {st['peak_rss_mb']:.0f} MiB)")
+    return 0
+
+
+def cmd_demo(args):
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .data.synth import write_synthetic_slide
+    from .io import default_weights_path, load_model
+    from .model import CountCeption
+    from .slide import count_slide
+
+    label = ""
+    if args.weights is not None:
+        model = load_model(args.weights)
+    elif default_weights_path().is_file():
+        model = load_model(None)
+    elif args.untrained:
+        torch.manual_seed(args.seed)
+        model = CountCeption(width=args.width).eval()
+        label = " [UNTRAINED random model: this count is meaningless, it only shows the pipeline]"
+    else:
+        print("fastcount demo: no default weights are installed yet "
+              f"(expected {default_weights_path()}). Pass --weights W.safetensors, "
+              "or --untrained to run the pipeline with a random, untrained model.", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="fastcount-demo-") as tmp:
+        folder = Path(args.out) if args.out else Path(tmp)
+        path = folder / f"synthetic_{args.size}_seed{args.seed}.tif"
+        t0 = time.perf_counter()
+        info = write_synthetic_slide(path, args.size, seed=args.seed, tissue_fraction=args.tissue_fraction,
+                                     progress=not args.quiet)
+        t_write = time.perf_counter() - t0
+        res = count_slide(path, model, **_count_kwargs(args))
+        res.save_heatmap(args.heatmap)
+    st = res.stats
+    truth = info["total"]
+    print(f"synthetic slide {args.size}x{args.size} (written in {t_write:.1f}s"
+          f"{', kept at ' + str(path) if args.out else ''})")
+    print(f"count        {res.total:10.1f}{label}")
+    print(f"ground truth {truth:10d}   (error {res.total - truth:+.1f}, {100 * (res.total - truth) / max(truth, 1):+.1f}%)")
+    print(f"tiles        {st['tiles_processed']} counted, {st['tiles_skipped']} skipped as background "
+          f"(mask: {st['mask'].get('kind')})")
+    print(f"throughput   {st['megapixels_per_s']:.3f} Mpx/s counted, {st['slide_megapixels_per_s']:.3f} Mpx/s "
+          f"of slide, {st['seconds']:.1f}s ({st['backend']} on {st['device']})")
+    print(f"peak memory  {st['peak_rss_mb']:.0f} MiB RSS")
+    print(f"heatmap      {args.heatmap}")
     return 0
 
 
@@ -136,7 +229,8 @@ def cmd_info(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "count": cmd_count, "info": cmd_info}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "count": cmd_count, "demo": cmd_demo,
+                "info": cmd_info}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastcount {args.command}: error: {e}", file=sys.stderr)
         return 2

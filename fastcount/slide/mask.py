@@ -66,13 +66,14 @@ def auto_mask(thumb: np.ndarray, dilate: int = 2) -> tuple[np.ndarray, dict]:
     else:
         # Fluorescence: signal may be in one channel only (e.g. DAPI in blue).
         score = t.max(axis=2)
-    lo, hi = np.percentile(score, [1, 99]) if score.size else (0.0, 0.0)
     info = {"kind": "brightfield" if light_bg else "fluorescence"}
-    if hi - lo < MIN_CONTRAST:
+    th = otsu_threshold(score) if score.size else 0.0
+    m = score > th
+    # Contrast = distance between the two classes' means; below MIN_CONTRAST the split is
+    # just noise (a blank or uniform image): keep everything rather than guess.
+    if not m.any() or m.all() or float(score[m].mean() - score[~m].mean()) < MIN_CONTRAST:
         info.update(threshold=None, note="no contrast: every tile kept")
         return np.ones(score.shape, dtype=bool), info
-    th = otsu_threshold(score)
-    m = score > th
     info["threshold"] = th
     return _dilate(m, dilate), info
 
