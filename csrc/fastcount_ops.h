@@ -34,6 +34,7 @@ FC_HD int64_t win_hi(int64_t y, int64_t s, int64_t n) {
   const int64_t v = y * s;
   return v > n ? n : v;
 }
+FC_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 FC_HD int64_t out_side(int64_t n, int64_t r, int64_t s) { return (n + r + s - 1) / s; }
 
 // Box sums run as two running prefix sums (one at the window's top edge, one at
@@ -87,6 +88,12 @@ FC_HD acc_t load_acc(in_t v) {
 template <typename acc_t>
 FC_HD float finish_acc(acc_t v) {
   return static_cast<float>(static_cast<typename Signed<acc_t>::type>(v));
+}
+
+template <typename T>
+constexpr bool is_float_like() {
+  return std::is_floating_point_v<T> || std::is_same_v<T, c10::Half> ||
+         std::is_same_v<T, c10::BFloat16>;
 }
 
 template <typename T>
