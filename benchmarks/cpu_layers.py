@@ -1,0 +1,133 @@
+"""Per-layer time of the CPU fast path next to eager PyTorch, interleaved in one process.
+
+    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--precision fp32] [--fft-sizes]
+
+For every layer of CountCeption it times, on the same input, the eager module
+(NCHW fp32, BN and activation as separate ops) and the fastcount cpu op
+(fp32 and bf16), alternating rounds so that load from other processes hits
+both alike; it prints the median of each and the ratio. With ``--fft-sizes``
+it also times both large convs at every candidate FFT size next to the cost
+model's choice.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fastcount.inference.cpu import CPUBackend, _Large, bf16_supported
+from fastcount.inference.fft import fft_cost, smooth_sizes
+from fastcount.inference.plan import fold
+from fastcount.model import CountCeption
+
+
+def _time(fn, x):
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def _layer_inputs(model, x):
+    """Eager inputs to each top-level layer (NCHW fp32)."""
+    ins = []
+    with torch.inference_mode():
+        for layer in model.layers:
+            ins.append(x)
+            x = layer(x)
+    return ins
+
+
+def _names(model):
+    out = []
+    for i, layer in enumerate(model.layers):
+        kind = type(layer).__name__
+        if kind == "ConvBNAct":
+            k = layer.conv.kernel_size[0]
+            kind = f"conv{k}x{k}"
+        out.append(f"{i + 1:2d} {kind}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--fft-sizes", action="store_true", help="also sweep the FFT size of the large convs")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = CountCeption(width=args.width).eval()
+    x = torch.rand(1, 3, args.size, args.size) * 255
+    plan = fold(model, torch.float64).to("cpu")
+    backends = {"fp32": CPUBackend(plan, "fp32")}
+    if bf16_supported():
+        backends["bf16"] = CPUBackend(plan, "bf16")
+    ins = _layer_inputs(model, x)
+    names = _names(model)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, input {args.size}x{args.size}, "
+          f"rounds {args.rounds} (median); fp32 choice {backends['fp32'].choice}")
+
+    # Each fast op sees its input in the layout and dtype the pipeline gives it.
+    def fast_fn(be, i):
+        op = be.ops[i] if i < len(be.ops) else be.head
+        dt = be.dtype
+        if op is be.head:
+            prev = be.ops[-1]
+            if isinstance(prev, _Large) and prev.method == "fft":
+                return op, ins[i].contiguous()
+            return op, ins[i].to(dt).contiguous(memory_format=torch.channels_last)
+        return op, ins[i].to(dt).contiguous(memory_format=torch.channels_last)
+
+    n_body = len(backends["fp32"].ops)
+    rows = []
+    with torch.inference_mode():
+        for i in range(len(model.layers)):
+            if i > n_body:  # head layers are timed together at index n_body
+                continue
+            eager = model.layers if i == n_body else None
+            eager_fn = (lambda z, a=i: _run_layers(model, a, z)) if eager is not None else model.layers[i]
+            fast = {p: fast_fn(be, i) for p, be in backends.items()}
+            ts = {"eager": []} | {p: [] for p in fast}
+            for _ in range(args.rounds + 1):  # first round warms caches and oneDNN primitives
+                ts["eager"].append(_time(eager_fn, ins[i]))
+                for p, (op, inp) in fast.items():
+                    ts[p].append(_time(op, inp))
+            med = {k: statistics.median(v[1:]) for k, v in ts.items()}
+            name = names[i] if i < n_body else "head (1x1 convs)"
+            rows.append((name, med))
+    total = {k: sum(m[k] for _, m in rows) for k in rows[0][1]}
+    print(f"{'layer':24s} {'eager ms':>10s} " + " ".join(f"{p + ' ms':>10s} {'x':>6s}" for p in backends))
+    for name, med in rows + [("total", total)]:
+        line = f"{name:24s} {med['eager'] * 1e3:10.1f} "
+        line += " ".join(f"{med[p] * 1e3:10.1f} {med['eager'] / med[p]:6.2f}" for p in backends)
+        print(line)
+
+    if args.fft_sizes:
+        be = backends["fp32"]
+        for i, op in enumerate(be.ops):
+            if not (isinstance(op, _Large) and op.method == "fft"):
+                continue
+            xin = ins[i].contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
+            n, h, w, c = xin.shape
+            k = op.fft.kernel
+            chosen = op.fft.size_for(n, h, w)
+            cands = [t for t in smooth_sizes(k + 8, 160)]
+            print(f"\nlayer {names[i]}: FFT size sweep (cost model picks {chosen})")
+            for t in cands:
+                op.fft(xin, t)  # builds and caches the spectrum
+                tt = statistics.median(_time(lambda z: op.fft(z, t), xin) for _ in range(args.rounds))
+                model_s = fft_cost(c, op.fft.out_channels, k, h - k + 1, w - k + 1, t, n)
+                print(f"  T={t:4d} {tt * 1e3:8.1f} ms   model {model_s * 1e3:8.1f}{'  <- chosen' if t == chosen else ''}")
+
+
+def _run_layers(model, start, x):
+    for layer in list(model.layers)[start:]:
+        x = layer(x)
+    return x
+
+
+if __name__ == "__main__":
+    main()

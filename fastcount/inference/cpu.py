@@ -1,0 +1,327 @@
+"""CPU fast path: ``compile(model, backend="cpu", precision="fp32" | "bf16")``.
+
+What runs where (activations NHWC / channels_last throughout):
+
+- first 3x3 conv (pad r) and the Inception blocks: oneDNN convolutions with
+  bias and LeakyReLU fused (``mkldnn._convolution_pointwise``). An Inception
+  block's two branches run either as ONE 3x3 conv (the 1x1 weights at the
+  centre tap, output channels concatenated: no torch.cat, one pass) or as two
+  convs + cat; the merged form costs 9x the 1x1 branch's multiply-adds, so
+  fp32 picks per block by a cost model (multiply-adds + bytes moved), bf16
+  (where AMX makes multiply-adds cheap) always merges.
+- the two large valid convs (14x14, 18x18 for r = 32): FFT overlap-save
+  (:class:`fastcount.inference.fft.SpectralConv`), FFT size per layer and
+  input shape from a cost model, weight spectra cached per FFT size. In bf16
+  on CPUs with AMX tiles the direct oneDNN bf16 conv is cheaper than the FFT
+  and is used instead (``large="auto"``).
+- the 1x1 head: a chain of matmuls with bias + LeakyReLU, on the stride-s
+  subsampled map (1x1 convs commute with subsampling).
+
+BatchNorm is folded (in float64) into every conv. bf16 runs the convolutions
+in bfloat16 (fp32 accumulation in oneDNN) and every FFT in fp32; the count
+map is returned as float32 like ``model(x)``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import CountCeption
+from .fft import SpectralConv
+from .plan import FoldedConv, FoldedInception, Plan, fold
+
+__all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16")
+_pw = torch.ops.mkldnn._convolution_pointwise
+
+# Inception merge cost model (per output pixel): multiply-adds + bytes * (MAC rate / bandwidth).
+# Calibrated on the 2-core AVX-512 machine: oneDNN fp32 3x3 convs reach ~180 G MAC/s,
+# streaming passes ~8 GB/s, so one byte moved costs about as much as 22 multiply-adds.
+_BYTE_IN_MACS = 22.5
+# Smallest large-conv kernel worth an FFT; below it oneDNN's direct conv wins.
+_MIN_FFT_KERNEL = 5
+
+
+def bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amx_supported() -> bool:
+    """Whether the CPU has AMX bf16 tiles (oneDNN's fast bf16 convolutions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _merge_cost(cin: int, a: int, b: int) -> tuple[float, float]:
+    """(merged, split) modelled cost per pixel of one Inception block in fp32."""
+    merged = 9 * cin * (a + b) + _BYTE_IN_MACS * 4 * (cin + a + b)
+    split = cin * a + 9 * cin * b + _BYTE_IN_MACS * 4 * (2 * cin + 3 * (a + b))
+    return merged, split
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+class _Conv:
+    """One oneDNN conv + bias + fused LeakyReLU on channels_last tensors."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, padding: int, slope: float, dtype):
+        self.weight = _nhwc(weight.to(dtype))
+        self.bias = bias.to(dtype).contiguous()
+        self.padding = [padding, padding]
+        self.slope = slope
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _pw(x, self.weight, self.bias, self.padding, [1, 1], [1, 1], 1, "leaky_relu", [self.slope], "")
+
+
+class _Inception:
+    def __init__(self, layer: FoldedInception, dtype, merge: bool):
+        b1, b3 = layer.branch1, layer.branch3
+        self.merged = merge
+        if merge:
+            a, b = b1.out_channels, b3.out_channels
+            w = b3.weight.new_zeros(a + b, b3.in_channels, 3, 3)
+            w[:a, :, 1, 1] = b1.weight[:, :, 0, 0]  # a 1x1 conv is a 3x3 conv with only the centre tap
+            w[a:] = b3.weight
+            self.conv = _Conv(w, torch.cat([b1.bias, b3.bias]), 1, b3.slope, dtype)
+        else:
+            self.conv1 = _Conv(b1.weight, b1.bias, 0, b1.slope, dtype)
+            self.conv3 = _Conv(b3.weight, b3.bias, 1, b3.slope, dtype)
+
+    def __call__(self, x):
+        if self.merged:
+            return self.conv(x)
+        return torch.cat([self.conv1(x), self.conv3(x)], dim=1)
+
+
+class _Large:
+    """A large valid conv: FFT overlap-save (fp32) or direct oneDNN conv."""
+
+    def __init__(self, layer: FoldedConv, dtype, method: str, fft_size):
+        self.method, self.dtype = method, dtype
+        if method == "fft":
+            self.fft = SpectralConv(layer.weight, layer.bias, layer.slope, fft_size)
+        else:
+            self.conv = _Conv(layer.weight, layer.bias, 0, layer.slope, dtype)
+
+    def __call__(self, x):
+        """channels_last (N, C, H, W) in -> (N, O, H', W'): NCHW fp32 from the FFT, channels_last from oneDNN."""
+        if self.method == "direct":
+            return self.conv(x)
+        xh = x.permute(0, 2, 3, 1)  # the NHWC storage as (N, H, W, C)
+        if xh.dtype != torch.float32:
+            xh = xh.float()
+        return self.fft(xh.contiguous())
+
+
+class _Head:
+    """The trailing 1x1 convs as matmuls, applied after the stride-s subsampling."""
+
+    def __init__(self, layers: list[FoldedConv], dtype):
+        self.stride = layers[-1].stride
+        self.dtype = dtype
+        self.w = [l.weight[:, :, 0, 0].to(dtype).contiguous() for l in layers]  # (O, C)
+        self.b = [l.bias.to(dtype).contiguous() for l in layers]
+        self.slope = [l.slope for l in layers]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        if s > 1:
+            x = x[:, :, ::s, ::s]
+        n, c, h, w = x.shape
+        if x.is_contiguous():  # NCHW: out (O, HW) = W (O, C) @ x (C, HW) per image
+            outs = []
+            for i in range(n):
+                z = x[i].reshape(c, h * w).to(self.dtype)
+                for wt, b, sl in zip(self.w, self.b, self.slope):
+                    z = F.leaky_relu_(torch.addmm(b[:, None], wt, z), sl)
+                outs.append(z.view(1, -1, h, w))
+            return torch.cat(outs).float() if n > 1 else outs[0].float()
+        z = x.permute(0, 2, 3, 1).reshape(n * h * w, c).to(self.dtype)  # NHWC: (NHW, C) @ W^T
+        for wt, b, sl in zip(self.w, self.b, self.slope):
+            z = F.leaky_relu_(torch.addmm(b, z, wt.t()), sl)
+        return z.view(n, h, w, -1).permute(0, 3, 1, 2).float().contiguous()
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What build() decided, for reports and tests."""
+
+    precision: str
+    merged: tuple
+    large: tuple
+    fft_size: object
+
+
+class CPUBackend:
+    """Compiled CPU inference for one CountCeption (see module doc).
+
+    Call with an (N, C, H, W) float tensor of 0..255 intensities; returns the
+    count map (N, 1, H', W') float32, as ``model(x)`` would. The input is never
+    modified. Thread-safe for concurrent calls (weights are read-only; FFT
+    spectra are created under a lock).
+    """
+
+    name = "cpu"
+
+    def __init__(self, plan: Plan, precision: str = "fp32", fft_size=None, large: str = "auto", merge="auto",
+                 threads: int | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} for the cpu backend, got {precision!r}")
+        if precision == "bf16" and not bf16_supported():
+            raise ValueError("precision='bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX); use 'fp32'")
+        if large not in ("auto", "fft", "direct"):
+            raise ValueError(f"large must be 'auto', 'fft' or 'direct', got {large!r}")
+        if merge not in ("auto", True, False):
+            raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.precision = precision
+        self.geometry = plan.geometry
+        self.in_channels = plan.in_channels
+        self.threads = threads
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = dtype
+        if large == "auto":
+            large = "direct" if precision == "bf16" and amx_supported() else "fft"
+
+        layers = list(plan.layers)
+        n_head = 0
+        while n_head < len(layers) and isinstance(layers[-1 - n_head], FoldedConv) and layers[-1 - n_head].kernel == 1:
+            n_head += 1
+        body, head = layers[: len(layers) - n_head], layers[len(layers) - n_head :]
+        self.ops = []
+        merged, larges, n_large = [], [], 0
+        for layer in body:
+            if isinstance(layer, FoldedInception):
+                if merge == "auto":
+                    m_cost, s_cost = _merge_cost(layer.branch3.in_channels, layer.branch1.out_channels,
+                                                 layer.branch3.out_channels)
+                    do_merge = precision == "bf16" or m_cost <= s_cost
+                else:
+                    do_merge = merge
+                self.ops.append(_Inception(layer, dtype, do_merge))
+                merged.append(do_merge)
+            elif layer.padding == 0 and layer.kernel > 1:
+                method = large if layer.kernel >= _MIN_FFT_KERNEL else "direct"
+                size = fft_size[n_large] if isinstance(fft_size, (tuple, list)) else fft_size
+                self.ops.append(_Large(layer, dtype, method, size if method == "fft" else None))
+                larges.append((layer.kernel, method))
+                n_large += 1
+            else:
+                if layer.stride != 1:
+                    raise ValueError(f"only the final 1x1 conv may have a stride, got {layer}")
+                self.ops.append(_Conv(layer.weight, layer.bias, layer.padding, layer.slope, dtype))
+        self.head = _Head(head, dtype) if head else None
+        self.choice = _Choice(precision, tuple(merged), tuple(larges), fft_size)
+
+    def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
+        """The FFT size each FFT layer would use for an input of this size (for reports)."""
+        out, h, w = [], height, width
+        pad = self.geometry.first_pad
+        h, w = h + 2 * pad - 2, w + 2 * pad - 2
+        for op in self.ops:
+            if isinstance(op, _Large):
+                k = op.fft.kernel if op.method == "fft" else op.conv.weight.shape[-1]
+                if op.method == "fft":
+                    out.append(op.fft.size_for(batch, h, w))
+                h, w = h - k + 1, w - k + 1
+        return out
+
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be an (N, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor of 0..255 intensities, got dtype {x.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"x must be on the CPU for the cpu backend, got device {x.device}")
+        if min(x.shape) < 1:
+            raise ValueError(f"x must have a non-empty batch and spatial size, got shape {tuple(x.shape)}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        old = torch.get_num_threads()
+        want = self.threads or _all_cores()
+        if want != old:
+            torch.set_num_threads(want)
+        try:
+            with torch.inference_mode():
+                return self._forward(x)
+        finally:
+            if want != old:
+                torch.set_num_threads(old)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # .to / contiguous copy (never in place), so the caller's tensor is untouched.
+        y = _nhwc(x.to(self.dtype))
+        for op in self.ops:
+            if isinstance(op, _Large):
+                y = op(y)
+                if op.method == "fft" and op is not self._last_large():
+                    y = _nhwc(y.to(self.dtype))
+            else:
+                y = op(y if y.dtype == self.dtype else y.to(self.dtype))
+        if self.head is None:
+            return y.float().contiguous()
+        return self.head(y)
+
+    def _last_large(self):
+        for op in reversed(self.ops):
+            if isinstance(op, _Large):
+                return op
+        return None
+
+    def __repr__(self):
+        return f"CPUBackend(precision={self.precision!r}, merged={self.choice.merged}, large={self.choice.large})"
+
+
+def _all_cores() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    # torch's default is the physical core count; never ask for fewer threads than that.
+    return max(n, torch.get_num_threads()) if n else torch.get_num_threads()
+
+
+def build(model: CountCeption, precision: str = "fp32", device=None, **options) -> CPUBackend:
+    """Fold ``model`` and build the CPU fast path.
+
+    Args:
+        model: a CountCeption (its current BN statistics are folded; train/eval
+            mode does not matter, inference always uses the running statistics).
+        precision: "fp32" or "bf16" ("fp16" is not supported on CPU).
+        device: None or a CPU device.
+        **options: ``fft_size`` (int, or a pair for the two large convs; None =
+            cost model), ``large`` ("auto" | "fft" | "direct"), ``merge``
+            ("auto" | True | False), ``threads`` (None = all cores).
+    """
+    if not isinstance(model, CountCeption):
+        raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {PRECISIONS} for the cpu backend, got {precision!r}"
+            + (" (fp16 has no fast CPU kernels; use 'bf16')" if precision == "fp16" else "")
+        )
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"device must be a CPU device for the cpu backend, got {device!r}")
+    plan = fold(model, dtype=torch.float64).to("cpu")
+    return CPUBackend(plan, precision, **options)

@@ -1,0 +1,321 @@
+"""Large-kernel convolution by FFT overlap-save (SPEC §7), for inference and training.
+
+A valid (pad 0, stride 1) cross-correlation with a ``k x k`` kernel is cut into
+output tiles of ``B = T - k + 1`` pixels; each tile reads a ``T x T`` input tile
+(overlapping its neighbours by ``k - 1``). Per tile:
+
+    Y(f) = X(f) @ conj(K(f))      (per frequency f: a (tiles x C) @ (C x O) matmul)
+
+where ``X = rfft2(input tile)`` and ``K = rfft2(kernel zero-padded to T)``;
+circular wrap-around only touches the ``k - 1`` rows/cols that are cropped.
+The cost is a few FFT passes plus one batched matmul per frequency, instead of
+``k*k*C*O`` multiply-adds per output pixel.
+
+- :func:`fft_conv2d`: differentiable NCHW function (autograd through
+  ``torch.fft``), the reference-compatible form used in training and tests.
+- :class:`FFTConv2d`: an ``nn.Conv2d`` stand-in (same parameter names) built on it.
+- :func:`use_fft_convs`: swap a CountCeption's two large convs to/from FFTConv2d.
+- :class:`SpectralConv`: the inference form (NHWC in/out, weight spectra cached
+  per FFT size, bias folded into the DC term, LeakyReLU in the output pass).
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import nn
+
+__all__ = [
+    "smooth_sizes",
+    "fft_cost",
+    "choose_fft_size",
+    "fft_conv2d",
+    "FFTConv2d",
+    "use_fft_convs",
+    "SpectralConv",
+]
+
+# Cost model constants (seconds per unit). Calibrated on the 2-core AVX-512
+# development machine; only their ratios matter for picking a tile size.
+_FLOP_S = 1.0 / 60e9  # FFT butterflies and small batched GEMMs reach well below FMA peak
+_BYTE_S = 1.0 / 10e9  # streaming passes (tile gather, spectrum permute, crop)
+_CALL_S = 20e-6  # fixed overhead per batched-GEMM matrix (tiny per-frequency matmuls)
+
+
+def smooth_sizes(lo: int, hi: int) -> list[int]:
+    """FFT lengths in ``[lo, hi]`` whose only prime factors are 2, 3, 5 (fast in MKL/pocketfft)."""
+    out = []
+    for n in range(max(lo, 1), hi + 1):
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            out.append(n)
+    return out
+
+
+def _grid(out_h: int, out_w: int, k: int, t: int):
+    b = t - k + 1
+    return b, math.ceil(out_h / b), math.ceil(out_w / b)
+
+
+def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: int = 1) -> float:
+    """Modelled seconds of one overlap-save layer with FFT size ``t`` (relative units).
+
+    Counts FFT flops (~2.5 T^2 log2 T^2 per real 2-D transform), the complex
+    channel mixing (8 real flops per complex multiply-add), and the bytes of the
+    streaming passes: tile gather, spectrum permute, weight spectra (read once
+    per call, ``F*C*O`` complex), and the output crop. Larger tiles waste less
+    overlap but have larger weight spectra and fewer tiles to reuse them over.
+    """
+    b, ny, nx = _grid(out_h, out_w, k, t)
+    p = n * ny * nx
+    f = t * (t // 2 + 1)
+    fft = 2.5 * t * t * math.log2(t * t) * p * (c_in + c_out)
+    mix = 8.0 * f * p * c_in * c_out
+    bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 8 * f * c_in * c_out + 4 * p * t * t * c_out
+    return (fft + mix) * _FLOP_S + bytes_ * _BYTE_S + f * _CALL_S
+
+
+def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1) -> int:
+    """The 2,3,5-smooth FFT size with the lowest :func:`fft_cost` for this layer and input."""
+    # Tiles beyond the whole (padded) map only add zeros; below 2k most of each tile is overlap.
+    hi = max(out_h, out_w) + k - 1
+    cands = smooth_sizes(min(2 * k, hi), max(2 * k, smooth_sizes(hi, 2 * hi)[0]))
+    cands = [t for t in cands if t <= 256] or cands[:1]
+    return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n))
+
+
+def _check_fft_size(t: int, k: int) -> int:
+    if isinstance(t, bool) or not isinstance(t, int) or t <= k:
+        raise ValueError(f"fft_size must be an int greater than the kernel size {k}, got {t!r}")
+    return t
+
+
+def kernel_spectrum(weight: torch.Tensor, t: int) -> torch.Tensor:
+    """``conj(rfft2(weight, s=(t, t)))`` as (F, C_in, C_out) complex, F = t*(t//2+1).
+
+    conj turns the FFT's convolution into the network's cross-correlation.
+    Differentiable (used every training step).
+    """
+    o, c = weight.shape[:2]
+    spec = torch.fft.rfft2(weight, s=(t, t)).conj()  # (O, C, t, t//2+1)
+    return spec.permute(2, 3, 1, 0).reshape(t * (t // 2 + 1), c, o)
+
+
+def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               fft_size: int | None = None) -> torch.Tensor:
+    """Valid (pad 0, stride 1) ``F.conv2d(x, weight, bias)`` by FFT overlap-save.
+
+    Args:
+        x: (N, C, H, W) float tensor, H and W at least the kernel size.
+        weight: (O, C, k, k).
+        bias: (O,) or None.
+        fft_size: FFT tile side T > k; None picks it with :func:`choose_fft_size`.
+
+    Differentiable in ``x``, ``weight`` and ``bias`` (autograd through torch.fft).
+    Computed in float32 (float64 stays float64).
+    """
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1] or weight.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"x must be (N, C, H, W) and weight (O, C, k, k) with matching C; got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    n, c, h, w = x.shape
+    o, k = weight.shape[0], weight.shape[2]
+    if h < k or w < k:
+        raise ValueError(f"x spatial size {h}x{w} is smaller than the {k}x{k} kernel of a valid convolution")
+    ho, wo = h - k + 1, w - k + 1
+    t = choose_fft_size(c, o, k, ho, wo, n) if fft_size is None else _check_fft_size(fft_size, k)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, weight = x.to(dt), weight.to(dt)
+    b, ny, nx = _grid(ho, wo, k, t)
+    hp, wp = (ny - 1) * b + t, (nx - 1) * b + t
+    xp = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+    tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (N, C, ny, nx, t, t)
+    tf = t // 2 + 1
+    xs = torch.fft.rfft2(tiles)  # (N, C, ny, nx, t, tf)
+    xs = xs.permute(4, 5, 0, 2, 3, 1).reshape(t * tf, n * ny * nx, c)
+    ys = torch.bmm(xs, kernel_spectrum(weight, t))  # (F, P, O)
+    ys = ys.reshape(t, tf, n, ny, nx, o).permute(2, 5, 3, 4, 0, 1)
+    y = torch.fft.irfft2(ys, s=(t, t))[..., :b, :b]  # (N, O, ny, nx, b, b)
+    y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, o, ny * b, nx * b)[:, :, :ho, :wo]
+    if bias is not None:
+        y = y + bias.to(dt)[None, :, None, None]
+    return y
+
+
+class FFTConv2d(nn.Module):
+    """Valid stride-1 conv by FFT, a stand-in for ``nn.Conv2d(c_in, c_out, k)``.
+
+    Parameters are named ``weight``/``bias`` like nn.Conv2d's, so state dicts
+    and optimisers see the same model. The FFT size per input shape is chosen
+    by the cost model unless ``fft_size`` is given.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
+                 fft_size: int | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.padding, self.stride = (kernel_size, kernel_size), (0, 0), (1, 1)
+        self.fft_size = None if fft_size is None else _check_fft_size(fft_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, fft_size: int | None = None) -> "FFTConv2d":
+        """Share ``conv``'s Parameters (no copy): optimiser state stays valid."""
+        k = conv.kernel_size[0]
+        if (conv.kernel_size != (k, k) or conv.padding not in ((0, 0), 0) or conv.stride != (1, 1)
+                or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"):
+            raise ValueError(f"conv must be a square valid stride-1 Conv2d to run by FFT, got {conv}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_channels, m.out_channels = conv.in_channels, conv.out_channels
+        m.kernel_size, m.padding, m.stride = (k, k), (0, 0), (1, 1)
+        m.fft_size = None if fft_size is None else _check_fft_size(fft_size, k)
+        m.weight = conv.weight
+        m.bias = conv.bias
+        return m
+
+    def to_conv(self) -> nn.Conv2d:
+        """An nn.Conv2d sharing this module's Parameters."""
+        k = self.kernel_size[0]
+        conv = nn.Conv2d(self.in_channels, self.out_channels, k, bias=self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight = self.weight
+        if self.bias is not None:
+            conv.bias = self.bias
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # cuDNN/Triton own the GPU path; FFT mixing here is tuned for CPU
+            return torch.nn.functional.conv2d(x, self.weight, self.bias)
+        y = fft_conv2d(x, self.weight, self.bias, self.fft_size)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[0]}, fft_size={self.fft_size}"
+
+
+def _large_convs(model):
+    """The two large valid convs of a CountCeption (ConvBNAct blocks whose conv has k > 3)."""
+    from ..model import ConvBNAct
+
+    blocks = [m for m in model.layers if isinstance(m, ConvBNAct) and m[0].kernel_size[0] > 3 and m[0].padding[0] == 0]
+    return blocks
+
+
+def use_fft_convs(model, enabled: bool = True, fft_size: int | None = None):
+    """Swap ``model``'s large valid convs to FFTConv2d (or back), in place, sharing Parameters.
+
+    State-dict keys are unchanged either way, so checkpoints and optimisers
+    are unaffected. Returns ``model``.
+    """
+    for block in _large_convs(model):
+        conv = block[0]
+        if enabled and not isinstance(conv, FFTConv2d):
+            block[0] = FFTConv2d.from_conv(conv, fft_size)
+        elif not enabled and isinstance(conv, FFTConv2d):
+            block[0] = conv.to_conv()
+    return model
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class SpectralConv:
+    """Inference form of one large valid conv + bias + LeakyReLU, NHWC in and out.
+
+    Weight spectra are computed once per FFT size (in float64, stored as the
+    real 2x2-block form of conj(K) so the channel mixing is one real batched
+    GEMM: [xr xi] @ [[kr, ki], [-ki, kr]] = [yr yi]) and cached. The bias is
+    added to the DC coefficient (``irfft2`` divides it by T*T), so the output
+    pass only applies the LeakyReLU while cropping tiles into place.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, slope: float, fft_size: int | None = None):
+        if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+            raise ValueError(f"weight must be (O, C, k, k), got {tuple(weight.shape)}")
+        self.weight = weight.detach().to("cpu", torch.float64)
+        self.bias = bias.detach().to("cpu", torch.float64)
+        self.out_channels, self.in_channels, self.kernel = (int(s) for s in weight.shape[:3])
+        self.slope = float(slope)
+        self.fft_size = None if fft_size is None else _check_fft_size(fft_size, self.kernel)
+        self._spectra: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def spectrum(self, t: int) -> torch.Tensor:
+        """Cached (F, 2C, 2O) float32 real-block weight spectrum for FFT size ``t``."""
+        s = self._spectra.get(t)
+        if s is None:
+            with self._lock:
+                s = self._spectra.get(t)
+                if s is None:
+                    s = self._spectra[t] = self._make_spectrum(t)
+        return s
+
+    def _make_spectrum(self, t: int) -> torch.Tensor:
+        k = kernel_spectrum(self.weight, t)  # (F, C, O) complex128
+        f, c, o = k.shape
+        kr, ki = k.real, k.imag
+        # Rows: the re(x) block then the im(x) block; columns: (o, re/im) interleaved,
+        # so the GEMM output reads directly as complex64 (F, P, O).
+        m = torch.empty(f, 2, c, o, 2, dtype=torch.float64)
+        m[:, 0, :, :, 0], m[:, 0, :, :, 1] = kr, ki
+        m[:, 1, :, :, 0], m[:, 1, :, :, 1] = -ki, kr
+        return m.reshape(f, 2 * c, 2 * o).to(torch.float32).contiguous()
+
+    def size_for(self, n: int, h: int, w: int) -> int:
+        k = self.kernel
+        if self.fft_size is not None:
+            return self.fft_size
+        return choose_fft_size(self.in_channels, self.out_channels, k, h - k + 1, w - k + 1, n)
+
+    def __call__(self, x: torch.Tensor, t: int | None = None) -> torch.Tensor:
+        """x: (N, H, W, C) float32 contiguous (NHWC) -> (N, O, H-k+1, W-k+1) float32 (NCHW, maybe a strided view).
+
+        PyTorch FFTs write the transformed dims innermost while the
+        per-frequency GEMM needs the frequency outermost, so the data is
+        transposed twice; every big copy is arranged as a plain 2-D transpose
+        (PyTorch's cache-blocked path) or a copy with contiguous rows, and all
+        tiles go through each step in one call (few ops: cheap under load).
+        """
+        n, h, w, c = x.shape
+        k, o = self.kernel, self.out_channels
+        ho, wo = h - k + 1, w - k + 1
+        t = self.size_for(n, h, w) if t is None else t
+        b, ny, nx = _grid(ho, wo, k, t)
+        tf = t // 2 + 1
+        f, p = t * tf, n * ny * nx
+        hp, wp = (ny - 1) * b + t, (nx - 1) * b + t
+        # NHWC -> (C, N, H, W) by one 2-D transpose, then zero-pad to whole tiles.
+        xc = torch.empty(c, n * h * w, dtype=x.dtype)
+        xc.copy_(x.reshape(n * h * w, c).t())
+        xc = torch.nn.functional.pad(xc.view(c, n, h, w), (0, max(wp - w, 0), 0, max(hp - h, 0)))
+        tiles = xc.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
+        xs = torch.fft.rfft2(tiles)  # (C, N, ny, nx, t, tf)
+        del xc, tiles
+        # (C*P, F) complex = (C*P, 2F) real -> (2F, C*P): per frequency [re (C, P) | im (C, P)].
+        xt = torch.empty(2 * f, c * p, dtype=x.dtype)
+        xt.copy_(torch.view_as_real(xs).view(c * p, 2 * f).t())
+        del xs
+        xt = xt.view(f, 2, c, p)
+        spec = self.spectrum(t)  # (F, 2C, 2O)
+        # Y = re(X) @ top + im(X) @ bottom; X^T blocks are (C, P) with unit stride over P.
+        ys = torch.bmm(xt[:, 0].transpose(1, 2), spec[:, :c])
+        ys.baddbmm_(xt[:, 1].transpose(1, 2), spec[:, c:])  # (F, P, 2O)
+        del xt
+        ys = torch.view_as_complex(ys.view(f, p, o, 2))
+        ys[0] += (self.bias * (t * t)).to(ys.real.dtype)  # bias via the DC term: irfft2 divides by t*t
+        yt = torch.empty(p * o, f, dtype=ys.dtype)
+        yt.copy_(ys.view(f, p * o).t())  # 2-D transpose -> (P, O, F)
+        del ys
+        y = torch.fft.irfft2(yt.view(p, o, t, tf), s=(t, t))  # (P, O, t, t)
+        del yt
+        # Crop each tile's valid b x b corner into place with the LeakyReLU, in one pass.
+        y = y.view(n, ny, nx, o, t, t)[..., :b, :b].permute(0, 3, 1, 4, 2, 5)  # (N, O, ny, b, nx, b)
+        out = x.new_empty(n, o, ny * b, nx * b)
+        torch._C._nn.leaky_relu(y, self.slope, out=out.view(n, o, ny, b, nx, b))
+        return out[:, :, :ho, :wo]
