@@ -20,16 +20,93 @@ __all__ = [
     "make_targets_from_points_reference",
     "redundant_count_reference",
     "has_compiled_ops",
+    "compiled_ops_error",
 ]
 
 
+# The compiled ops (csrc/, built by setup.py as fastcount._C). Importing the
+# module registers torch.ops.fastcount.*; if it is missing or fails to load
+# (e.g. built against another torch), everything falls back to the references.
+try:
+    from . import _C
+except (ImportError, OSError) as _e:  # pragma: no cover - depends on the build
+    _C = None
+    _C_ERROR: "Exception | None" = _e
+else:
+    _C_ERROR = None
+
+
 def has_compiled_ops() -> bool:
-    """True when the C++/CUDA extension (fastcount._C) is importable."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
+    """True when the C++/CUDA extension (fastcount._C) is loaded and its ops registered."""
+    return _C is not None and hasattr(torch.ops, "fastcount") and hasattr(torch.ops.fastcount, "make_targets")
+
+
+def compiled_ops_error() -> "Exception | None":
+    """Why fastcount._C could not be loaded (None when it loaded)."""
+    return _C_ERROR
+
+
+def _use_compiled(t: torch.Tensor) -> bool:
+    """The compiled ops run on CPU tensors, and on CUDA tensors when built with CUDA."""
+    if not has_compiled_ops():
         return False
-    return hasattr(torch.ops, "fastcount") and hasattr(torch.ops.fastcount, "make_targets")
+    return t.device.type == "cpu" or (t.device.type == "cuda" and bool(getattr(_C, "with_cuda", 0)))
+
+
+def _out_side(n, patch_size, stride):
+    return (n + patch_size + stride - 1) // stride
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only kernels for torch.compile / FakeTensor / meta tensors. Shapes
+    only depend on input shapes and the int arguments, so symbolic sizes work."""
+
+    @torch.library.register_fake("fastcount::make_targets")
+    def _make_targets_fake(dots, patch_size=32, stride=1):
+        Geometry(patch_size, stride)
+        torch._check(dots.dim() in (2, 3), lambda: f"dots must be (H, W) or (B, H, W), got {tuple(dots.shape)}")
+        h, w = dots.shape[-2:]
+        shape = (*dots.shape[:-2], _out_side(h, patch_size, stride), _out_side(w, patch_size, stride))
+        return dots.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("fastcount::make_targets_from_points")
+    def _points_fake(points, height, width, patch_size=32, stride=1):
+        Geometry(patch_size, stride)
+        torch._check(points.dim() == 2 and points.shape[1] == 2, lambda: "points must have shape (N, 2)")
+        shape = (_out_side(height, patch_size, stride), _out_side(width, patch_size, stride))
+        return points.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("fastcount::redundant_count")
+    def _redundant_count_fake(count_map, patch_size=32, stride=1, cell=0):
+        Geometry(patch_size, stride)
+        torch._check(2 <= count_map.dim() <= 4, lambda: "count_map must be (H, W), (B, H, W) or (B, 1, H, W)")
+        lead = tuple(count_map.shape[:-2])
+        if cell > 0:
+            h, w = count_map.shape[-2:]
+            lead = (*lead, (h + cell - 1) // cell, (w + cell - 1) // cell)
+        return count_map.new_empty(lead, dtype=torch.float64)
+
+    # redundant_count is linear: d(out)/d(map) spreads each output's gradient,
+    # divided by (r/s)^2, over the pixels it summed (training with a count loss).
+    def _rc_setup(ctx, inputs, output):
+        count_map, patch_size, stride, cell = (tuple(inputs) + (32, 1, 0)[len(inputs) - 1 :])[:4]
+        ctx.shape, ctx.dtype = count_map.shape, count_map.dtype
+        ctx.redundancy, ctx.cell = (patch_size // stride) ** 2, cell
+
+    def _rc_backward(ctx, grad):
+        g = grad / ctx.redundancy
+        h, w = ctx.shape[-2:]
+        if ctx.cell == 0:
+            g = g[..., None, None].expand(ctx.shape)
+        else:
+            g = g.repeat_interleave(ctx.cell, dim=-2).repeat_interleave(ctx.cell, dim=-1)[..., :h, :w]
+        return g.to(ctx.dtype), None, None, None
+
+    torch.library.register_autograd("fastcount::redundant_count", _rc_backward, setup_context=_rc_setup)
+
+
+if has_compiled_ops():
+    _register_fake_kernels()
 
 
 # --------------------------------------------------------------------------- validation
@@ -151,7 +228,7 @@ def make_targets(dots, patch_size: int = 32, stride: int = 1) -> torch.Tensor:
     """
     Geometry(patch_size, stride)
     dots = _as_dot_tensor(dots)
-    if has_compiled_ops():
+    if _use_compiled(dots):
         return torch.ops.fastcount.make_targets(dots, patch_size, stride)
     return make_targets_reference(dots, patch_size, stride)
 
@@ -166,7 +243,7 @@ def make_targets_from_points(points, shape, patch_size: int = 32, stride: int = 
         raise ValueError(f"shape must be (height, width), got {shape!r}")
     height, width = (int(s) if isinstance(s, (np.integer,)) else s for s in shape)
     points = _check_points(points, height, width)
-    if has_compiled_ops():
+    if _use_compiled(points):
         return torch.ops.fastcount.make_targets_from_points(points, height, width, patch_size, stride)
     return make_targets_from_points_reference(points, height, width, patch_size, stride)
 
@@ -194,4 +271,10 @@ def redundant_count(count_map, patch_size: int = 32, stride: int = 1, cell: int 
         raise TypeError(f"count_map must be a real numeric tensor, got dtype {count_map.dtype}")
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 0:
         raise ValueError(f"cell must be a non-negative int (0 = one count per image), got {cell!r}")
+    if _use_compiled(count_map) and count_map.dtype in _COUNT_MAP_OP_DTYPES:
+        return torch.ops.fastcount.redundant_count(count_map, patch_size, stride, cell)
     return redundant_count_reference(count_map, patch_size, stride, cell)
+
+
+# dtypes the compiled redundant_count takes (others, e.g. uint16, use the reference)
+_COUNT_MAP_OP_DTYPES = (*_INT_DTYPES, torch.float16, torch.bfloat16, torch.float32, torch.float64)
