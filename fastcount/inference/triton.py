@@ -164,6 +164,23 @@ class TritonBackend:
 
     __call__ = forward
 
+    def launches(self):
+        """``[(name, fn)]``, one per fused kernel launch in forward order; ``fn``
+        takes that launch's NHWC input and returns its output (NHWC, or the
+        count map for the head). For per-layer benchmarks and debugging."""
+        out = []
+        n_conv = n_inc = 0
+        for kind, w, s in self.stages:
+            if kind == "inception":
+                n_inc += 1
+                out.append((f"inception{n_inc}", lambda h, w=w: self._k_inc.inception(h, w, tf32=self.tf32)))
+            else:
+                n_conv += 1
+                name = f"conv{n_conv} {w.kernel}x{w.kernel}" + (f" s{s}" if s != 1 else "")
+                out.append((name, lambda h, w=w, s=s: self._k_conv.conv_bn_lrelu(h, w, stride=s, tf32=self.tf32)))
+        out.append(("head 1x1x3", lambda h: self._k_head.head(h, self._head, stride=self._head_stride, tf32=self.tf32)))
+        return out
+
     def count_map_and_sums(self, x: torch.Tensor):
         """``(count map, per-image map sums float64)`` in one pass (no re-read of the map)."""
         return self.forward(x, emit_sums=True)
