@@ -117,16 +117,23 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=2)]
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): a short list (every config is a
+# compile per layer shape). Wide M tiles suit the skinny GEMMs here (C_out is
+# 16..64 while M is millions of pixels); pruning drops tiles wider than the
+# padded channel counts.
+_CONFIGS = [
+    (64, 16, 32, 4, 3), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (64, 64, 16, 4, 4),
+    (128, 16, 16, 4, 4), (128, 16, 32, 4, 3), (128, 32, 32, 4, 3), (128, 32, 64, 4, 3),
+    (128, 64, 16, 8, 3), (128, 64, 32, 8, 3), (128, 64, 64, 8, 3),
+    (256, 16, 32, 8, 3), (256, 32, 32, 8, 3), (256, 32, 64, 8, 4),
+]
+
+
 def _configs():
-    out = []
-    for bm in (64, 128):
-        for bn in (16, 32, 64):
-            for bk in (16, 32, 64):
-                for warps, stages in ((4, 3), (8, 3)):
-                    if bm * bn >= 128 * 64 and warps == 4:
-                        continue
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return out
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in _CONFIGS
+    ]
 
 
 _conv_bn_lrelu_tuned = triton.autotune(
