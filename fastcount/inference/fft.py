@@ -39,7 +39,7 @@ __all__ = [
 # Cost model constants (seconds per unit). Calibrated on the 2-core AVX-512
 # development machine; only their ratios matter for picking a tile size.
 _FLOP_S = 1.0 / 60e9  # FFT butterflies and small batched GEMMs reach well below FMA peak
-_BYTE_S = 1.0 / 10e9  # streaming passes (tile gather, spectrum permute, crop)
+_BYTE_S = 1.0 / 6e9  # streaming passes (tile gather, transposes, padding, crop); measured under load
 _CALL_S = 20e-6  # fixed overhead per batched-GEMM matrix (tiny per-frequency matmuls)
 
 
@@ -81,10 +81,11 @@ def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: i
 
 def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1) -> int:
     """The 2,3,5-smooth FFT size with the lowest :func:`fft_cost` for this layer and input."""
-    # Tiles beyond the whole (padded) map only add zeros; below 2k most of each tile is overlap.
-    hi = max(out_h, out_w) + k - 1
-    cands = smooth_sizes(min(2 * k, hi), max(2 * k, smooth_sizes(hi, 2 * hi)[0]))
-    cands = [t for t in cands if t <= 256] or cands[:1]
+    # One tile covering the whole map is the largest useful size; tiles under 2k are mostly
+    # overlap; past 256 the weight spectra (F*C*O complex) outgrow any cache.
+    whole = smooth_sizes(max(out_h, out_w) + k - 1, 2 * (max(out_h, out_w) + k))[0]
+    top = max(k + 1, min(whole, 256))
+    cands = smooth_sizes(min(2 * k, top), top) or smooth_sizes(k + 1, 2 * k + 2)[:1]
     return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n))
 
 
