@@ -9,7 +9,9 @@ megapixels per second), ``speedup_vs_torch_best`` (the fastest exact plain
 PyTorch implementation: separable cumsum with contiguous scans),
 ``speedup_vs_reference`` (fastcount.ops.*_reference), and ``gbps`` / ``of_copy_bw``:
 the minimum traffic (read input once, write output once) per second, and that
-as a fraction of this machine's copy bandwidth measured in the same session.
+as a fraction of this machine's copy bandwidth measured in the same session;
+``output_first_touch_s``: allocating and filling a fresh tensor of the output's
+shape, the floor for any op returning a new tensor (page faults included).
 """
 import time
 
@@ -83,9 +85,17 @@ def _dots(dtype):
     return ((torch.rand((SIDE, SIDE), generator=g) < 0.002) * torch.randint(1, 3, (SIDE, SIDE), generator=g)).to(dtype)
 
 
-def _record(benchmark, key, in_pixels, bytes_moved, bw):
+def _first_touch(shape, dtype=torch.float32):
+    """Allocating and writing a fresh output tensor once: the floor for any op
+    that returns a new tensor (page faults of freshly mapped memory included)."""
+    return _time(lambda: torch.empty(shape, dtype=dtype).fill_(0), rounds=5)
+
+
+def _record(benchmark, key, in_pixels, bytes_moved, bw, out=None):
     s = benchmark.stats.stats.median
     base = _medians.get(key, {})
+    if out is not None:
+        benchmark.extra_info["output_first_touch_s"] = _first_touch(out.shape, out.dtype)
     benchmark.extra_info.update(
         seconds=s,
         mpx_per_s=in_pixels / s / 1e6,
@@ -127,7 +137,7 @@ def test_make_targets_compiled(benchmark, copy_bandwidth, dtype, stride):
         _medians.setdefault(key, {})["torch_best"] = _time(lambda: make_targets_torch_best(dots, R, stride))
     out = benchmark.pedantic(torch.ops.fastcount.make_targets, (dots, R, stride), rounds=10, warmup_rounds=2)
     assert torch.equal(out, make_targets_torch_best(dots, R, stride))
-    _record(benchmark, key, dots.numel(), dots.numel() * dots.element_size() + out.numel() * 4, copy_bandwidth)
+    _record(benchmark, key, dots.numel(), dots.numel() * dots.element_size() + out.numel() * 4, copy_bandwidth, out)
 
 
 # --------------------------------------------------------------------------- points
@@ -142,7 +152,7 @@ def test_points_compiled(benchmark, copy_bandwidth, stride):
     out = benchmark.pedantic(torch.ops.fastcount.make_targets_from_points, (pts, SIDE, SIDE, R, stride),
                              rounds=10, warmup_rounds=2)
     assert torch.equal(out, ops.make_targets_from_points_reference(pts, SIDE, SIDE, R, stride))
-    _record(benchmark, key, SIDE * SIDE, pts.numel() * 8 + out.numel() * 4, copy_bandwidth)
+    _record(benchmark, key, SIDE * SIDE, pts.numel() * 8 + out.numel() * 4, copy_bandwidth, out)
     benchmark.extra_info["points"] = len(pts)
 
 

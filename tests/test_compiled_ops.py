@@ -370,3 +370,24 @@ def test_cuda_redundant_count_bitwise(dtype, cell):
     cuda = torch.ops.fastcount.redundant_count(m.cuda(), 32, 1, cell)
     assert cuda.is_cuda and bits_equal(cuda.cpu(), cpu)
     assert bits_equal(fastcount.redundant_count(m.cuda(), 32, 1, cell).cpu(), cpu)
+
+
+def test_import_without_extension_falls_back(tmp_path):
+    """A missing or broken fastcount._C must not break `import fastcount`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['fastcount._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "import torch, fastcount\n"
+        "from fastcount import ops\n"
+        "assert not ops.has_compiled_ops() and isinstance(ops.compiled_ops_error(), ImportError)\n"
+        "d = torch.zeros(9, 7, dtype=torch.int64); d[3, 4] = 2\n"
+        "t = fastcount.make_targets(d, 32, 4)\n"
+        "assert torch.equal(t, ops.make_targets_reference(d, 32, 4))\n"
+        "assert float(fastcount.redundant_count(t, 32, 4)) == 2.0\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert res.returncode == 0, res.stderr
