@@ -3,8 +3,9 @@
 // The CPU and CUDA kernels follow one canonical decomposition (chunk sizes,
 // lane layout, order of additions) defined here, so that for float inputs both
 // devices perform the same IEEE additions in the same order and return
-// bit-identical results. Integer inputs are summed in modular (wrapping)
-// integer arithmetic, which is exact in any order.
+// bit-identical results, independent of thread or block counts. Integer inputs
+// are summed in modular (wrapping) integer arithmetic, which is exact in any
+// order, so their kernels are free to take faster orders (the CPU slides).
 #pragma once
 
 #include <ATen/core/Tensor.h>
