@@ -48,6 +48,8 @@ class TrainConfig:
     stride: int = 1
     augment: bool = True
     device: str = "cpu"
+    # CPU speed-up (issue 6): run the two large convs by FFT (same math and parameters).
+    fft: bool = False
 
     def check(self):
         for name in ("n_train", "epochs", "batch_size"):
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"crop must be a positive int or None, got {self.crop!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.fft, bool):
+            raise ValueError(f"fft must be a bool, got {self.fft!r}")
 
 
 @dataclass
@@ -220,11 +224,15 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
 
     torch.manual_seed(cfg.seed)
     model = CountCeption(3, cfg.patch_size, cfg.stride, cfg.width).to(device)
+    if cfg.fft:  # issue 6: FFT for the large convs; parameters (and state-dict keys) are shared
+        from .inference.fft import use_fft_convs
+
+        use_fft_convs(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     best_state = copy.deepcopy(model.state_dict())
     best_mae, best_epoch, start_epoch, history, elapsed = float("inf"), 0, 0, [], 0.0
-    run_id = {k: v for k, v in vars(cfg).items() if k not in ("epochs", "device")}
+    run_id = {k: v for k, v in vars(cfg).items() if k not in ("epochs", "device", "fft")}
     run_id["dataset"] = dataset.name
 
     if resume and checkpoint is not None and checkpoint.is_file():
@@ -277,6 +285,10 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
         bar.close()
 
     model.load_state_dict(best_state)
+    if cfg.fft:  # hand back a plain CountCeption
+        from .inference.fft import use_fft_convs
+
+        use_fft_convs(model, False)
     model.eval()
     result = TrainResult(model, best_mae, best_epoch, history, split, time.perf_counter() - t0)
     if out is not None:

@@ -128,3 +128,27 @@ def test_spectral_conv_nhwc_matches_conv_bias_leaky(t):
         assert list(sc._spectra) == [t]  # spectrum cached once per FFT size
         sc(xh)
         assert len(sc._spectra) == 1
+
+
+def test_training_with_fft_matches_plain_training():
+    from conftest import DATASETS
+
+    from fastcount.cli import build_parser
+    from fastcount.data import load_dataset
+    from fastcount.train import TrainConfig, train
+
+    ds = load_dataset("vgg_cells", DATASETS)
+    cfg = TrainConfig(n_train=2, n_val=1, epochs=2, crop=40, width=0.0625, batch_size=2, seed=0, lr=1e-3)
+    runs = [train(ds, cfg, progress=False, log=lambda s: None, fft=f) for f in (False, True)]
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * abs(a["train_loss"])
+    assert not any(isinstance(m, FFTConv2d) for m in runs[1].model.modules())  # a plain CountCeption comes back
+    # conv weights follow the same trajectory (conv biases before train-mode BN have zero true
+    # gradient: Adam turns their rounding noise into lr-sized steps, so they are not compared)
+    for (n, p), (_, q) in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().items()):
+        if p.dim() == 4:
+            assert rel_err(q, p) < 1e-2, n
+    args = build_parser().parse_args(["train", "--dataset", "vgg_cells", "--data-root", "x", "--out", "o", "--fft"])
+    assert args.fft is True
+    with pytest.raises(ValueError, match="fft must be a bool"):
+        train(ds, cfg, progress=False, fft="yes")
