@@ -17,30 +17,64 @@ namespace {
 // Horizontal pass of one output row: box sums of `v` (width values) over the
 // window of every output column, by the canonical chunked two-prefix scheme.
 // The top- and bottom-edge running sums of a chunk make the same additions
-// from the same start, so they are read off one prefix array `q` (relative to
-// the chunk start): a scalar dependent chain, then a vectorisable difference.
+// from the same start, so they are read off one prefix array (relative to the
+// chunk start). A prefix is a serial dependency chain, so kGroup chunks are
+// scanned interleaved (independent chains, same additions per chunk); the
+// differences are a vectorisable loop.
+constexpr int kGroup = 4;
+
+inline int64_t row_scratch_size(int64_t r, int64_t s) {
+  return kGroup * (std::max(kSpan, s) + r + 1);
+}
+
+template <typename acc_t>
+void emit_chunk(const acc_t* q, int64_t base, int64_t x0, int64_t x1, int64_t width, int64_t r,
+                int64_t s, float* out) {
+  // interior outputs (window not clipped by the row ends) branch-free; the
+  // clipped ones at either end take the general form
+  const int64_t a = std::min(std::max(x0, (r + s - 1) / s), x1);
+  const int64_t b = std::max(std::min(x1, width / s + 1), a);
+  for (int64_t xo = x0; xo < a; ++xo) {
+    out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
+  }
+  const acc_t* qh = q - base;
+  const acc_t* ql = q - base - r;
+  for (int64_t xo = a; xo < b; ++xo) out[xo] = finish_acc<acc_t>(qh[xo * s] - ql[xo * s]);
+  for (int64_t xo = b; xo < x1; ++xo) {
+    out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
+  }
+}
+
 template <typename acc_t>
 void row_box_sums(const acc_t* v, int64_t width, int64_t r, int64_t s, int64_t wo, float* out,
                   acc_t* q) {
-  const int64_t cc = chunk_outputs(s);
-  for (int64_t x0 = 0; x0 < wo; x0 += cc) {
-    const int64_t x1 = std::min(x0 + cc, wo);
-    const int64_t base = win_lo(x0, r, s), end = win_hi(x1 - 1, s, width);
-    acc_t run = 0;
-    q[0] = 0;
-    for (int64_t k = base; k < end; ++k) q[k - base + 1] = run += v[k];
-    // interior outputs (window not clipped by the row ends) in a branch-free,
-    // vectorisable loop; the clipped ones at either end take the general form
-    const int64_t a = std::min(std::max(x0, (r + s - 1) / s), x1);
-    const int64_t b = std::max(std::min(x1, width / s + 1), a);
-    for (int64_t xo = x0; xo < a; ++xo) {
-      out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
+  const int64_t cc = chunk_outputs(s), n_chunks = (wo + cc - 1) / cc;
+  for (int64_t c0 = 0; c0 < n_chunks; c0 += kGroup) {
+    const int g = static_cast<int>(std::min<int64_t>(kGroup, n_chunks - c0));
+    int64_t base[kGroup], len[kGroup], x0[kGroup], x1[kGroup];
+    acc_t* qc[kGroup];
+    acc_t run[kGroup];
+    acc_t* qp = q;
+    int64_t common = std::numeric_limits<int64_t>::max();
+    for (int i = 0; i < g; ++i) {
+      x0[i] = (c0 + i) * cc;
+      x1[i] = std::min(x0[i] + cc, wo);
+      base[i] = win_lo(x0[i], r, s);
+      len[i] = win_hi(x1[i] - 1, s, width) - base[i];
+      qc[i] = qp;
+      qp += len[i] + 1;
+      qc[i][0] = run[i] = acc_t(0);
+      common = std::min(common, len[i]);
     }
-    const acc_t* qh = q - base;
-    const acc_t* ql = q - base - r;
-    for (int64_t xo = a; xo < b; ++xo) out[xo] = finish_acc<acc_t>(qh[xo * s] - ql[xo * s]);
-    for (int64_t xo = b; xo < x1; ++xo) {
-      out[xo] = finish_acc<acc_t>(q[win_hi(xo, s, width) - base] - q[win_lo(xo, r, s) - base]);
+    int64_t k = 0;
+    if (g == kGroup) {
+      for (; k < common; ++k) {
+        for (int i = 0; i < kGroup; ++i) qc[i][k + 1] = run[i] += v[base[i] + k];
+      }
+    }
+    for (int i = 0; i < g; ++i) {
+      for (int64_t j = k; j < len[i]; ++j) qc[i][j + 1] = run[i] += v[base[i] + j];
+      emit_chunk(qc[i], base[i], x0[i], x1[i], width, r, s, out);
     }
   }
 }
@@ -70,7 +104,7 @@ void make_targets_kernel(const in_t* dots, float* out, int64_t n_images, int64_t
   const int64_t ch = chunk_outputs(s);
   const int64_t n_chunks = (ho + ch - 1) / ch;
   at::parallel_for(0, n_images * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(w), bottom(w), v(w), q(w + 1);
+    std::vector<acc_t> top(w), bottom(w), v(w), q(row_scratch_size(r, s));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / n_chunks, y0 = (task % n_chunks) * ch;
       const int64_t y1 = std::min(y0 + ch, ho);
@@ -89,9 +123,20 @@ void make_targets_kernel(const in_t* dots, float* out, int64_t n_images, int64_t
           for (; hy < hi; ++hy) add_row(v.data(), img + hy * w, w);
           for (; ly < lo; ++ly) sub_row(v.data(), img + ly * w, w);
         } else {
-          for (; hy < hi; ++hy) add_row(top.data(), img + hy * w, w);
-          for (; ly < lo; ++ly) add_row(bottom.data(), img + ly * w, w);
-          for (int64_t x = 0; x < w; ++x) v[x] = top[x] - bottom[x];
+          if (hi - hy == 1 && lo - ly == 1) {  // stride 1 in steady state: one fused pass
+            const in_t* a = img + hy * w;
+            const in_t* b = img + ly * w;
+            for (int64_t x = 0; x < w; ++x) {
+              top[x] += load_acc<acc_t>(a[x]);
+              bottom[x] += load_acc<acc_t>(b[x]);
+              v[x] = top[x] - bottom[x];
+            }
+            ++hy, ++ly;
+          } else {
+            for (; hy < hi; ++hy) add_row(top.data(), img + hy * w, w);
+            for (; ly < lo; ++ly) add_row(bottom.data(), img + ly * w, w);
+            for (int64_t x = 0; x < w; ++x) v[x] = top[x] - bottom[x];
+          }
         }
         row_box_sums(v.data(), w, r, s, wo, out + (n * ho + yo) * wo, q.data());
       }
