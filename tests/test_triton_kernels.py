@@ -8,7 +8,7 @@ TRITON_INTERPRET=1); shapes are small so the file runs in well under a minute.
 import pytest
 import torch
 
-from conftest import HAS_CUDA, randomize_bn, rel_err
+from conftest import HAS_CUDA, gpu, randomize_bn, rel_err
 from fastcount.inference.plan import FoldedConv, FoldedInception, fold_conv
 from fastcount.kernels import conv_bn_lrelu as kconv
 from fastcount.kernels import head as khead
@@ -161,3 +161,26 @@ def test_kernel_argument_errors():
         khead.prepare([_folded(_block(4, 8, 1, 0)), _folded(_block(8, 8, 1, 0)), _folded(_block(8, 2, 1, 0))])
     with pytest.raises(ValueError, match="1x1 .* 3x3"):
         kinc.prepare(FoldedInception(_folded(_block(4, 6, 3, 1)), _folded(_block(4, 6, 3, 1))))
+
+
+# ---------------------------------------------------------------- GPU only
+# Reduced precision (bf16/fp16 weights and activations, fp32 accumulation) and
+# TF32: relative error < 2e-2 vs the float64 reference (bf16 has an 8-bit mantissa).
+@gpu
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)])
+def test_kernels_reduced_precision_on_gpu(dtype, tf32):
+    block = _block(48, 16, 14, 0)
+    x = _x(2, 48, 45, 53, scale=2.0)
+    y = _nchw(kconv.conv_bn_lrelu(_nhwc(x).to(dtype), kconv.prepare(_folded(block), dtype), tf32=tf32))
+    assert y.dtype == dtype and rel_err(y, _ref(block, x)) < 2e-2
+
+    torch.manual_seed(2)
+    inc = randomize_bn(Inception(16, 112, 48), seed=3).eval()
+    x = _x(2, 16, 61, 67, seed=4, scale=2.0)
+    iw = kinc.prepare(FoldedInception(_folded(inc.branch1), _folded(inc.branch3)), dtype)
+    assert rel_err(_nchw(kinc.inception(_nhwc(x).to(dtype), iw, tf32=tf32)), _ref(inc, x)) < 2e-2
+
+    mods, _ = _head_blocks(32, 64, 64, 1)
+    hw = khead.prepare([_folded(m) for m in mods], dtype)
+    x = _x(2, 32, 61, 67, seed=8, scale=2.0)
+    assert rel_err(khead.head(_nhwc(x).to(dtype), hw, tf32=tf32), _ref(torch.nn.Sequential(*mods), x)) < 2e-2
