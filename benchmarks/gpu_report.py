@@ -39,9 +39,8 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 
 from fastcount import CountCeption  # noqa: E402
-from fastcount.inference import compile as fc_compile  # noqa: E402
 from fastcount.inference.triton import build  # noqa: E402
-from fastcount.model import ConvBNAct, Inception  # noqa: E402
+from fastcount.model import Inception  # noqa: E402
 
 # Dense peak TFLOP/s by device-name substring (vendor datasheets, SXM parts).
 PEAKS = {
