@@ -61,7 +61,7 @@ def _conv_bn_lrelu_kernel(
     syn, syh, syw, syc,
     conv_stride, pad, slope,
     KH: tl.constexpr, KW: tl.constexpr, CIN_P: tl.constexpr, COUT_P: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PADDED: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -72,10 +72,11 @@ def _conv_bn_lrelu_kernel(
     rem = offs_m - img * (Ho * Wo)
     oh = rem // Wo
     ow = rem - oh * Wo
-    # int64 image offset: a batch of large tiles overflows int32 element offsets.
-    x_img = x_ptr + img.to(tl.int64) * sxn
     ih0 = oh * conv_stride - pad
     iw0 = ow * conv_stride - pad
+    # Each output pixel's input at tap (0, 0); a tap then only adds a scalar
+    # offset. int64 image offset: a batch of large tiles overflows int32.
+    x_pix = x_ptr + img.to(tl.int64) * sxn + (ih0 * sxh + iw0 * sxw)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -87,15 +88,18 @@ def _conv_bn_lrelu_kernel(
         cb = it - t * ncb
         kh = t // KW
         kw = t - kh * KW
-        ih = ih0 + kh
-        iw = iw0 + kw
-        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c = cb * BLOCK_K + offs_k
-        a = tl.load(
-            x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-            mask=pix_ok[:, None] & (c < C_in)[None, :],
-            other=0.0,
-        )
+        if PADDED:
+            ih = ih0 + kh
+            iw = iw0 + kw
+            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        else:
+            ok = m_ok  # valid conv: every tap of an output pixel lies inside the input
+        if EVEN_K:
+            mask = ok[:, None]
+        else:
+            mask = ok[:, None] & (c < C_in)[None, :]
+        a = tl.load(x_pix[:, None] + (kh * sxh + kw * sxw + c * sxc)[None, :], mask=mask, other=0.0)
         # Rows past C_in are zero in the padded layout: no mask needed.
         b = tl.load(w_ptr + (t * CIN_P + c)[:, None] * COUT_P + offs_n[None, :])
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PREC)
@@ -136,9 +140,11 @@ def _configs():
     ]
 
 
+# EVEN_K depends on the tuned BLOCK_K: a heuristic under the autotuner.
+_conv_bn_lrelu_heur = triton.heuristics({"EVEN_K": lambda a: a["C_in"] % a["BLOCK_K"] == 0})(_conv_bn_lrelu_kernel)
 _conv_bn_lrelu_tuned = triton.autotune(
     configs=_configs(), key=["C_in", "C_out", "Ho", "Wo", "KH", "KW", "PREC"], prune_configs_by={"early_config_prune": _prune}
-)(_conv_bn_lrelu_kernel)
+)(_conv_bn_lrelu_heur)
 
 # Interpreter: few, wide programs. numpy vectorises inside a program while
 # every program and loop trip costs Python overhead (BLOCK_M 2048 runs a
@@ -190,14 +196,17 @@ def conv_bn_lrelu(
         *x.stride(), *out.stride(),
         s, cw.padding, cw.slope,
     )
-    meta = dict(KH=cw.kernel, KW=cw.kernel, CIN_P=cw.cin_p, COUT_P=cw.cout_p, PREC=dot_precision(cw.weight.dtype, tf32))
+    meta = dict(
+        KH=cw.kernel, KW=cw.kernel, CIN_P=cw.cin_p, COUT_P=cw.cout_p,
+        PREC=dot_precision(cw.weight.dtype, tf32), PADDED=cw.padding > 0,
+    )
     m = n * ho * wo
     if blocks is not None or interpreting():
         bl = dict(blocks) if blocks is not None else _interpret_blocks(m, cw)
         if bl["BLOCK_N"] > cw.cout_p or bl["BLOCK_K"] > cw.cin_p or cw.cin_p % bl["BLOCK_K"]:
             raise ValueError(f"blocks must have BLOCK_N <= {cw.cout_p} and BLOCK_K dividing {cw.cin_p}, got {blocks}")
         grid = (triton.cdiv(m, bl["BLOCK_M"]), triton.cdiv(cw.cout, bl["BLOCK_N"]))
-        _conv_bn_lrelu_kernel[grid](*args, **meta, **bl)
+        _conv_bn_lrelu_heur[grid](*args, **meta, **bl)
     else:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(cw.cout, META["BLOCK_N"]))  # noqa: E731
         _conv_bn_lrelu_tuned[grid](*args, **meta)

@@ -15,9 +15,9 @@ from pathlib import Path
 # (kernel module, kernel name, pointer args in the compute dtype, constexprs, launch options)
 CASES = [
     ("conv_bn_lrelu", "_conv_bn_lrelu_kernel", ("x_ptr", "w_ptr", "y_ptr"),
-     dict(KH=3, KW=3, CIN_P=16, COUT_P=64, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16), dict(num_warps=8, num_stages=3)),
+     dict(KH=3, KW=3, CIN_P=16, COUT_P=64, PADDED=True, EVEN_K=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16), dict(num_warps=8, num_stages=3)),
     ("conv_bn_lrelu", "_conv_bn_lrelu_kernel", ("x_ptr", "w_ptr", "y_ptr"),
-     dict(KH=18, KW=18, CIN_P=128, COUT_P=32, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64), dict(num_warps=4, num_stages=3)),
+     dict(KH=18, KW=18, CIN_P=128, COUT_P=32, PADDED=False, EVEN_K=True, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64), dict(num_warps=4, num_stages=3)),
     ("inception", "_inception_kernel", ("x_ptr", "w1_ptr", "w3_ptr", "y_ptr"),
      dict(CIN_P=16, A_P=128, B_P=64, BLOCK_M=64, BLOCK_K=16), dict(num_warps=4, num_stages=2)),
     ("head", "_head_kernel", ("x_ptr", "w1_ptr", "w2_ptr"),

@@ -52,6 +52,8 @@ _CONV_CASES = [
     (40, 33, 18, 0, 1, 20, 25),  # 18x18 valid, C_in and C_out not multiples of 16
     (18, 9, 18, 0, 3, 22, 27),  # 18x18 at output stride 3 (the strided head folded in)
     (5, 7, 1, 0, 2, 13, 21),  # 1x1 strided
+    (32, 24, 3, 1, 1, 13, 21),  # C_in a multiple of BLOCK_K: the unmasked-channel path, padded
+    (16, 20, 14, 0, 1, 17, 19),  # ... and valid
 ]
 
 
