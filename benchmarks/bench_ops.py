@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/bench_ops.py --benchmark-only \
         --benchmark-columns=median,rounds --benchmark-json=bench_ops.json
+    FASTCOUNT_BENCH_THREADS=1 python -m pytest benchmarks/bench_ops.py ...   # one thread
 
 Every case runs its plain-PyTorch baselines first (same process, same inputs);
 the compiled case then records in ``extra_info``: ``mpx_per_s`` (input
@@ -13,6 +14,7 @@ as a fraction of this machine's copy bandwidth measured in the same session;
 ``output_first_touch_s``: allocating and filling a fresh tensor of the output's
 shape, the floor for any op returning a new tensor (page faults included).
 """
+import os
 import time
 
 import pytest
@@ -24,6 +26,9 @@ from fastcount import ops
 SIDE = 4096
 R = 32
 _medians: dict = {}
+# FASTCOUNT_BENCH_THREADS=1 gives steadier figures on a machine shared with other work.
+if os.environ.get("FASTCOUNT_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTCOUNT_BENCH_THREADS"]))
 
 
 def _time(fn, rounds=3):
@@ -80,9 +85,9 @@ def redundant_count_torch_best(m, r=R, s=1, cell=0):
     return x.sum(dim=(-3, -1), dtype=torch.float64) / red
 
 
-def _dots(dtype):
+def _dots(dtype, shape=(SIDE, SIDE)):
     g = torch.Generator().manual_seed(0)
-    return ((torch.rand((SIDE, SIDE), generator=g) < 0.002) * torch.randint(1, 3, (SIDE, SIDE), generator=g)).to(dtype)
+    return ((torch.rand(shape, generator=g) < 0.002) * torch.randint(1, 3, shape, generator=g)).to(dtype)
 
 
 def _first_touch(shape, dtype=torch.float32):
@@ -109,7 +114,8 @@ def _record(benchmark, key, in_pixels, bytes_moved, bw, out=None):
 
 # --------------------------------------------------------------------------- make_targets
 
-MT_CASES = [(torch.uint8, 1), (torch.uint8, 8), (torch.int32, 1), (torch.float32, 1)]
+# uint8: dot images; int64: what fastcount.data loaders return; float32: pooled dots
+MT_CASES = [(torch.uint8, 1), (torch.uint8, 8), (torch.int64, 1), (torch.int32, 1), (torch.float32, 1)]
 
 
 @pytest.mark.parametrize("dtype,stride", MT_CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -138,6 +144,19 @@ def test_make_targets_compiled(benchmark, copy_bandwidth, dtype, stride):
     out = benchmark.pedantic(torch.ops.fastcount.make_targets, (dots, R, stride), rounds=10, warmup_rounds=2)
     assert torch.equal(out, make_targets_torch_best(dots, R, stride))
     _record(benchmark, key, dots.numel(), dots.numel() * dots.element_size() + out.numel() * 4, copy_bandwidth, out)
+
+
+def test_make_targets_training_batch(benchmark):
+    """A training batch as fastcount.train builds it: 4 x 256 x 256 int64 dots."""
+    dots = _dots(torch.int64, (4, 256, 256))
+    key = ("mt-batch",)
+    _medians[key] = {"torch_best": _time(lambda: make_targets_torch_best(dots, R, 1), 10),
+                     "reference": _time(lambda: ops.make_targets_reference(dots, R, 1), 10)}
+    out = benchmark.pedantic(torch.ops.fastcount.make_targets, (dots, R, 1), rounds=50, warmup_rounds=5)
+    assert torch.equal(out, ops.make_targets_reference(dots, R, 1))
+    _record(benchmark, key, dots.numel(), dots.numel() * 8 + out.numel() * 4, 1.0)
+    for k in ("gbps", "of_copy_bw", "copy_bw_gbps"):  # no bandwidth fixture here
+        benchmark.extra_info.pop(k)
 
 
 # --------------------------------------------------------------------------- points

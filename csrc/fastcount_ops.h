@@ -52,6 +52,14 @@ FC_HD int64_t chunk_outputs(int64_t s) { return kSpan / s > 0 ? kSpan / s : 1; }
 // (0+16, 0+8, ...), which is what a CUDA warp's xor-butterfly leaves in lane 0.
 constexpr int kLanes = 32;
 
+// CPU: split work across threads only in pieces of at least ~1M elements, so
+// small inputs (a training batch) do not pay thread wake-ups on a busy machine.
+constexpr int64_t kMinParallelWork = int64_t(1) << 20;
+FC_HD int64_t grain_for(int64_t work_per_item) {
+  const int64_t g = kMinParallelWork / (work_per_item > 1 ? work_per_item : 1);
+  return g > 1 ? g : 1;
+}
+
 // --------------------------------------------------------------- accumulators
 // Integer dot maps accumulate in unsigned (wrapping) arithmetic: differences of
 // prefix sums are exact modulo 2^bits, hence exact whenever the true box sum

@@ -128,8 +128,9 @@ def test_make_targets_fractional_float(dtype):
 def test_make_targets_thread_count_independent():
     """Fixed summation order: float results do not depend on the thread count."""
     g = gen(17)
-    dots = torch.rand((700, 900), generator=g, dtype=torch.float64)
-    m = torch.rand((2, 1, 700, 900), generator=g)
+    # large enough that the CPU kernels split the work across threads
+    dots = torch.rand((1500, 3000), generator=g, dtype=torch.float64)
+    m = torch.rand((2, 1, 1500, 1000), generator=g)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -103,7 +103,7 @@ void make_targets_kernel(const in_t* dots, float* out, int64_t n_images, int64_t
   const int64_t ho = out_side(h, r, s), wo = out_side(w, r, s);
   const int64_t ch = chunk_outputs(s);
   const int64_t n_chunks = (ho + ch - 1) / ch;
-  at::parallel_for(0, n_images * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_images * n_chunks, grain_for((ch * s + r) * w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> top(w), bottom(w), v(w), q(row_scratch_size(r, s));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / n_chunks, y0 = (task % n_chunks) * ch;
@@ -186,7 +186,7 @@ void points_kernel(const int64_t* pts, int64_t n, int64_t h, int64_t w, int64_t 
     }
   }
   // column prefix: rows in order, vectorised across columns, parallel over column blocks
-  at::parallel_for(0, wo, 4096, [&](int64_t x0, int64_t x1) {
+  at::parallel_for(0, wo, std::max<int64_t>(64, grain_for(ho)), [&](int64_t x0, int64_t x1) {
     for (int64_t y = 1; y < ho; ++y) {
       cnt_t* __restrict__ cur = d + y * wo;
       const cnt_t* __restrict__ prev = d + (y - 1) * wo;
@@ -208,7 +208,7 @@ at::Tensor make_targets_from_points_cpu(const at::Tensor& points_in, int64_t hei
     auto cnt = at::zeros(shape, points.options().dtype(at::kInt));
     int32_t* d = cnt.data_ptr<int32_t>();
     points_kernel<int32_t>(pts, n, height, width, patch_size, stride, d, ho, wo);
-    at::parallel_for(0, ho, 16, [&](int64_t y0, int64_t y1) {
+    at::parallel_for(0, ho, grain_for(wo), [&](int64_t y0, int64_t y1) {
       for (int64_t y = y0; y < y1; ++y) {
         int32_t acc = 0;
         char* row = reinterpret_cast<char*>(d + y * wo);
@@ -228,7 +228,7 @@ at::Tensor make_targets_from_points_cpu(const at::Tensor& points_in, int64_t hei
   points_kernel<int64_t>(pts, n, height, width, patch_size, stride, d, ho, wo);
   auto out = at::empty(shape, points.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, ho, 16, [&](int64_t y0, int64_t y1) {
+  at::parallel_for(0, ho, grain_for(wo), [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       int64_t acc = 0;
       for (int64_t x = 0; x < wo; ++x) o[y * wo + x] = static_cast<float>(acc += d[y * wo + x]);

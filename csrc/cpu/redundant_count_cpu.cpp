@@ -36,7 +36,7 @@ void redundant_count_kernel(const T* map, double* out, int64_t n_maps, int64_t h
                             int64_t cw, int64_t chh, double redundancy) {
   const int64_t nseg = (w + cw - 1) / cw, ncell_rows = (h + chh - 1) / chh;
   std::vector<double> seg(static_cast<size_t>(n_maps * h * nseg));
-  at::parallel_for(0, n_maps * h, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n_maps * h, grain_for(w), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const T* p = map + row * w;
       for (int64_t j = 0; j < nseg; ++j) {
@@ -45,7 +45,7 @@ void redundant_count_kernel(const T* map, double* out, int64_t n_maps, int64_t h
       }
     }
   });
-  at::parallel_for(0, n_maps * ncell_rows, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, n_maps * ncell_rows, grain_for(chh * nseg), [&](int64_t c0, int64_t c1) {
     std::vector<double> acc(nseg);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n = c / ncell_rows, i = c % ncell_rows;
