@@ -38,6 +38,7 @@ __all__ = ["count_slide", "read_thumbnail", "peak_rss_mb", "reset_peak_rss"]
 THUMB_SIDE = 1024
 # A whole level is read for the thumbnail only below this many pixels.
 STRIP_PIXELS = 1 << 24
+MIN_THUMB = 256
 
 
 # --------------------------------------------------------------------------- memory
@@ -70,6 +71,23 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- thumbnails
 
 
+def thumbnail_level(reader: SlideReader, level: int, max_side: int = THUMB_SIDE) -> int:
+    """Level to build ``level``'s thumbnail from. A strictly coarser level is preferred (the
+    counted level is then read only for kept tiles): the coarsest with >= max_side pixels,
+    else the finest coarser one if it has MIN_THUMB pixels; else ``level`` itself."""
+    H, W = reader.level_shapes[level]
+    ds0 = reader.downsamples[level]
+    coarser = sorted((i for i in range(reader.level_count) if reader.downsamples[i] > ds0 * 1.01),
+                     key=lambda i: -max(reader.level_shapes[i]))
+    src = level
+    if coarser and max(reader.level_shapes[coarser[0]]) >= min(MIN_THUMB, max(H, W)):
+        src = coarser[0]
+        for i in coarser:
+            if max(reader.level_shapes[i]) >= max_side:
+                src = i
+    return src
+
+
 def read_thumbnail(reader: SlideReader, level: int = 0, max_side: int = THUMB_SIDE) -> np.ndarray:
     """A low-resolution (h, w, 3) uint8 view of ``level``'s full extent, read from the
     coarsest pyramid level that still has ``max_side`` pixels, in bounded strips."""
@@ -80,13 +98,7 @@ def read_thumbnail(reader: SlideReader, level: int = 0, max_side: int = THUMB_SI
         if hasattr(a, "compute"):
             a = a.compute()
         return _as_u8(to_rgb(np.asarray(a), reader.name))
-    ds0 = reader.downsamples[level]
-    cands = [i for i in range(reader.level_count) if reader.downsamples[i] >= ds0 - 1e-9]
-    cands.sort(key=lambda i: -max(reader.level_shapes[i]))
-    src = cands[0]
-    for i in cands:
-        if max(reader.level_shapes[i]) >= max_side:
-            src = i
+    src = thumbnail_level(reader, level, max_side)
     h, w = reader.level_shapes[src]
     f = max(1, math.ceil(max(h, w) / max_side))
     th, tw = math.ceil(h / f), math.ceil(w / f)
@@ -203,12 +215,22 @@ def _load_checkpoint(path: Path, fp: str, n_batches: int, n_tiles: int, dshape):
 # --------------------------------------------------------------------------- engine
 
 
-def _read_batch(reader: SlideReader, level: int, tiles: list[Tile], pin: bool) -> torch.Tensor:
+def _fill_thumbnail(thumb: np.ndarray, f: int, t: Tile, a: np.ndarray):
+    """Sample a tile's input into the thumbnail (pixel (i, j) = image pixel (i f, j f))."""
+    oy, ox = (-t.iy0) % f, (-t.ix0) % f
+    sub = a[oy::f, ox::f]
+    ty, tx = (t.iy0 + oy) // f, (t.ix0 + ox) // f
+    thumb[ty : ty + sub.shape[0], tx : tx + sub.shape[1]] = _as_u8(sub)
+
+
+def _read_batch(reader: SlideReader, level: int, tiles: list[Tile], pin: bool, thumb=None) -> torch.Tensor:
     h, w = tiles[0].in_shape
     dt = np.float32 if reader.dtype == np.float32 else np.uint8
     buf = np.empty((len(tiles), h, w, 3), dtype=dt)
     for k, t in enumerate(tiles):
         buf[k] = reader.read_region(level, t.iy0, t.ix0, h, w)
+        if thumb is not None:
+            _fill_thumbnail(thumb[0], thumb[1], t, buf[k])
     x = torch.from_numpy(buf)
     return x.pin_memory() if pin else x
 
@@ -300,7 +322,15 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
         raise ValueError(f"cell must be a positive int dividing tile/stride = {tile // g.stride}, got {cell!r}")
 
     # ---- mask (thumbnail first: it is also the heatmap's background)
-    thumb = read_thumbnail(reader, lvl)
+    thumb_from_tiles = None
+    if (isinstance(mask, str) or isinstance(reader, ArrayReader) or thumbnail_level(reader, lvl) != lvl):
+        thumb = read_thumbnail(reader, lvl)
+    else:
+        # No coarser level and no auto mask: build the heatmap's thumbnail from the tiles as
+        # they are read, rather than reading the whole level one extra time.
+        f = max(1, math.ceil(max(H, W) / THUMB_SIDE))
+        thumb = np.zeros((math.ceil(H / f), math.ceil(W / f), 3), dtype=np.uint8)
+        thumb_from_tiles = (thumb, f)
     mask_info = {"kind": "none"}
     if mask is None:
         smask = None
@@ -413,7 +443,7 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
     it = iter(todo)
     try:
         for bi in it:
-            inflight.append((bi, pool.submit(_read_batch, reader, lvl, batches[bi], pin)))
+            inflight.append((bi, pool.submit(_read_batch, reader, lvl, batches[bi], pin, thumb_from_tiles)))
             if len(inflight) >= depth:
                 break
         pending = None
@@ -422,7 +452,7 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
             x_host = fut.result()
             nxt = next(it, None)
             if nxt is not None:
-                inflight.append((nxt, pool.submit(_read_batch, reader, lvl, batches[nxt], pin)))
+                inflight.append((nxt, pool.submit(_read_batch, reader, lvl, batches[nxt], pin, thumb_from_tiles)))
             x_dev = upload(x_host)
             del x_host
             if pending is not None:

@@ -1,0 +1,235 @@
+"""count_slide engine: masks, skipped tiles never read, checkpoint/resume, exports, bounded memory, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SLIDES, randomize_bn
+from fastcount import CountCeption, count_slide, save_model
+from fastcount.data.synth import write_synthetic_slide
+from fastcount.slide import SlideReader, auto_mask, open_reader
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(CountCeption(width=0.0625), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def synth_slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth") / "s.tif"
+    return write_synthetic_slide(path, 1024, seed=1, tissue_fraction=0.08, n_regions=1)
+
+
+class CountingReader(SlideReader):
+    """Wraps a reader and records every region read."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.level_shapes = inner.level_shapes
+        self.mpp = inner.mpp
+        self.reads = []
+
+    @property
+    def downsamples(self):
+        return self.inner.downsamples
+
+    def _read(self, level, y, x, h, w):
+        self.reads.append((level, y, x, h, w))
+        return self.inner.read_region(level, y, x, h, w)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_auto_mask_fluorescence_and_brightfield():
+    rng = np.random.default_rng(0)
+    fl = np.clip(rng.normal(3, 1, (100, 120, 3)), 0, 255)
+    fl[20:50, 30:70, 2] += 120  # bright blue nuclei region on black
+    m, info = auto_mask(fl.astype(np.uint8), dilate=0)
+    assert info["kind"] == "fluorescence"
+    assert m[25:45, 35:65].all() and not m[70:, :].any()
+    bf = np.clip(rng.normal(240, 3, (100, 120, 3)), 0, 255)
+    bf[60:90, 10:50] = np.clip(rng.normal((200, 120, 180), 10, (30, 40, 3)), 0, 255)  # pink tissue on white
+    m, info = auto_mask(bf.astype(np.uint8), dilate=0)
+    assert info["kind"] == "brightfield"
+    assert m[62:88, 12:48].all() and not m[:50].any()
+    m, info = auto_mask(np.full((30, 30, 3), 128, np.uint8))
+    assert m.all() and info["threshold"] is None
+
+
+def test_masked_tiles_are_never_read_at_full_resolution(model, synth_slide):
+    r = CountingReader(open_reader(synth_slide["path"]))
+    res = count_slide(r, model, tile=128, progress=False)
+    st = res.stats
+    assert st["tiles_skipped"] > 0.5 * st["tiles_total"]
+    assert st["tiles_processed"] + st["tiles_skipped"] == st["tiles_total"]
+    level0 = [x for x in r.reads if x[0] == 0]
+    assert len(level0) == st["tiles_processed"]  # the mask came from a lower level
+    assert st["mask"]["kind"] == "fluorescence" and 0 < st["mask"]["fraction"] < 0.5
+    r.inner.close()
+
+
+def test_user_mask_any_resolution_and_wrong_shape(model):
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    none = count_slide(img, model, tile=32, mask=None, progress=False)
+    allm = count_slide(img, model, tile=32, mask=np.ones((2, 3), bool), progress=False)
+    assert allm.total == none.total and allm.stats["tiles_skipped"] == 0
+    zero = count_slide(img, model, tile=32, mask=np.zeros((64, 96), bool), progress=False)
+    assert zero.total == 0 and zero.stats["tiles_processed"] == 0
+    half = np.zeros((8, 12), bool)
+    half[:, :3] = True  # left quarter only
+    part = count_slide(img, model, tile=32, mask=half, progress=False)
+    assert 0 < part.stats["tiles_processed"] < none.stats["tiles_processed"]
+    for bad, err in [(np.ones((64, 64), bool), ValueError), (np.ones((4, 4, 3), bool), ValueError),
+                     (np.full((64, 96), 0.5), TypeError), ("tissue", ValueError), (3, TypeError)]:
+        with pytest.raises(err, match="mask"):
+            count_slide(img, model, tile=32, mask=bad, progress=False)
+
+
+# --------------------------------------------------------------------------- checkpoint / interrupt
+
+
+class InterruptingReader(CountingReader):
+    def __init__(self, inner, after):
+        super().__init__(inner)
+        self.after = after
+
+    def _read(self, level, y, x, h, w):
+        if level == 0 and len([r for r in self.reads if r[0] == 0]) >= self.after:
+            raise KeyboardInterrupt
+        return super()._read(level, y, x, h, w)
+
+
+def test_interrupt_then_resume_gives_identical_total(model, tmp_path):
+    img = np.random.default_rng(5).integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    ref = count_slide(img, model, tile=32, mask=None, progress=False, batch_size=2)
+    ck = tmp_path / "run.ckpt.npz"
+    with pytest.raises(KeyboardInterrupt):
+        count_slide(InterruptingReader(open_reader(img), after=9), model, tile=32, mask=None, progress=False,
+                    batch_size=2, checkpoint=ck, workers=1, queue_depth=1)
+    assert ck.exists() and not list(tmp_path.glob("*.tmp*"))
+    with np.load(ck) as z:
+        n_done, n_batches = int(z["done"].sum()), len(z["done"])
+    assert 0 < n_done < n_batches
+    r = CountingReader(open_reader(img))
+    res = count_slide(r, model, tile=32, mask=None, progress=False, batch_size=2, checkpoint=ck)
+    assert res.total == ref.total  # identical, not just close
+    np.testing.assert_allclose(res.density, ref.density, rtol=1e-12, atol=1e-12)
+    assert n_done <= res.stats["tiles_resumed"] <= 2 * n_done
+    assert len(r.reads) == res.stats["tiles_processed"] == ref.stats["tiles_processed"] - res.stats["tiles_resumed"]
+    # A checkpoint of another run is refused, naming what differs.
+    with pytest.raises(ValueError, match="checkpoint .* different run .*tile"):
+        count_slide(img, model, tile=48, mask=None, progress=False, batch_size=2, checkpoint=ck)
+
+
+def test_reader_error_mid_run_propagates_cleanly(model):
+    class Broken(CountingReader):
+        def _read(self, level, y, x, h, w):
+            if len(self.reads) >= 3:
+                raise OSError("disk on fire")
+            return super()._read(level, y, x, h, w)
+
+    img = np.zeros((100, 100, 3), np.uint8)
+    with pytest.raises(ValueError, match="disk on fire"):
+        count_slide(Broken(open_reader(img)), model, tile=32, mask=None, progress=False)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def test_exports(model, synth_slide, tmp_path):
+    res = count_slide(synth_slide["path"], model, tile=256, progress=False)
+    png = res.save_heatmap(tmp_path / "h.png")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > im.size[1] and im.mode == "RGB"  # thumbnail plus colour bar on the right
+    gj = res.to_geojson(tmp_path / "d.geojson")
+    on_disk = json.loads((tmp_path / "d.geojson").read_text())
+    assert on_disk == gj and gj["type"] == "FeatureCollection"
+    total = sum(f["properties"]["measurements"]["Count"] for f in gj["features"])
+    inside = res.density.sum() - sum(res.density[i, j] for i, j in np.argwhere(res.density <= 0))
+    assert total == pytest.approx(inside, rel=1e-9, abs=1e-6)
+    f0 = gj["features"][0]
+    assert f0["geometry"]["type"] == "Polygon" and len(f0["geometry"]["coordinates"][0]) == 5
+    xs = [p[0] for f in gj["features"] for p in f["geometry"]["coordinates"][0]]
+    assert min(xs) >= 0 and max(xs) <= 1024
+    d = json.loads(res.to_json())
+    assert d["total"] == res.total and np.asarray(d["density"]).shape == res.density.shape
+    for k in ("tiles_processed", "tiles_skipped", "seconds", "megapixels_per_s", "peak_rss_mb"):
+        assert k in d["stats"]
+    assert res.density.sum() == pytest.approx(res.total, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_large_slide_bounded_memory_background_skipped(model, tmp_path):
+    """A 16384^2 pyramidal slide (805 MB of pixels per level 0) counts in bounded memory."""
+    info = write_synthetic_slide(tmp_path / "big.tif", 16384, seed=3, tissue_fraction=0.0005, n_regions=1,
+                                 background_noise=0.0, tile=512)
+    from fastcount.slide.engine import peak_rss_mb, reset_peak_rss
+
+    reset_peak_rss()
+    before = peak_rss_mb()
+    res = count_slide(info["path"], model, tile=512, progress=False)
+    st = res.stats
+    assert st["tiles_skipped"] >= 0.97 * st["tiles_total"], st
+    assert st["tiles_processed"] >= 1
+    grown = st["peak_rss_mb"] - before
+    # Tile inputs are ~0.9 MB each; the level alone would be 805 MB.
+    assert grown < 250, f"peak RSS grew by {grown:.0f} MiB"
+    print(f"\n16384^2 slide: {st['tiles_processed']}/{st['tiles_total']} tiles, {st['seconds']:.1f}s, "
+          f"peak RSS {st['peak_rss_mb']:.0f} MiB (+{grown:.0f})")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastcount", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_count_slide_and_image(model, tmp_path):
+    w = save_model(model, tmp_path / "w.safetensors")
+    r = _cli("count", SLIDES / "boxes.tiff", "--weights", w, "--tile", 64, "--json", "--quiet", "--mask", "none",
+             "--heatmap", tmp_path / "h.png", "--geojson", tmp_path / "g.geojson")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ref = count_slide(SLIDES / "boxes.png", model, tile=64, mask=None, progress=False)
+    assert out["total"] == pytest.approx(ref.total, rel=1e-6)
+    assert (tmp_path / "h.png").is_file() and (tmp_path / "g.geojson").is_file()
+    r = _cli("count", SLIDES / "unopenable.tiff", "--weights", w, "--quiet")
+    assert r.returncode == 2 and "unopenable.tiff" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("count", SLIDES / "boxes.tiff", "--weights", w, "--tile", 4, "--quiet")
+    assert r.returncode == 2 and "tile must be >=" in r.stderr
+
+
+def test_cli_demo(tmp_path):
+    r = _cli("demo", "--size", 256, "--quiet", cwd=tmp_path)
+    from fastcount.io import default_weights_path
+
+    if not default_weights_path().is_file():
+        assert r.returncode == 2 and "no default weights" in r.stderr and "--untrained" in r.stderr
+    r = _cli("demo", "--size", 384, "--untrained", "--width", 0.0625, "--tile", 128, "--quiet",
+             "--heatmap", tmp_path / "demo.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "ground truth" in r.stdout and "Mpx/s" in r.stdout and "peak memory" in r.stdout
+    if not default_weights_path().is_file():
+        assert "UNTRAINED" in r.stdout
+    assert (tmp_path / "demo.png").is_file()

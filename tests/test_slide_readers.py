@@ -1,0 +1,164 @@
+"""Readers: real fixture slides through OpenSlide and tifffile, arrays, conversions, errors."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import SLIDES, randomize_bn
+from fastcount import CountCeption, count_slide, redundant_count
+from fastcount.slide import ArrayReader, OpenSlideReader, SlideReadError, TiffReader, open_reader
+from fastcount.slide.readers import to_rgb
+
+openslide = pytest.importorskip("openslide", reason="the slides extra (openslide-python + openslide-bin) is needed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(CountCeption(width=0.0625), seed=0).eval()
+
+
+def whole(model, img):
+    with torch.inference_mode():
+        cm = model(torch.from_numpy(img).permute(2, 0, 1)[None].float())
+    return float(redundant_count(cm).sum()), float(cm.double().abs().sum()) / 1024
+
+
+def test_boxes_tiff_both_readers_agree_with_png():
+    png = open_reader(SLIDES / "boxes.png").read_region(0, 0, 0, 250, 300)
+    t = TiffReader(SLIDES / "boxes.tiff")
+    o = OpenSlideReader(SLIDES / "boxes.tiff")
+    assert t.level_shapes == o.level_shapes == [(250, 300), (125, 150), (62, 75), (31, 37)]
+    np.testing.assert_array_equal(t.read_region(0, 0, 0, 250, 300), png)
+    np.testing.assert_array_equal(o.read_region(0, 0, 0, 250, 300), png)
+    # Regions anywhere, at any level, agree between the two libraries.
+    for lv, (y, x, h, w) in [(0, (17, 33, 50, 61)), (1, (3, 100, 90, 50)), (3, (0, 0, 31, 37))]:
+        np.testing.assert_array_equal(t.read_region(lv, y, x, h, w), o.read_region(lv, y, x, h, w))
+    assert o.mpp == pytest.approx(352.7777, rel=1e-4)
+    t.close(), o.close()
+
+
+@pytest.mark.parametrize("name", ["small.svs", "boxes_0.dcm", "boxes.tiff"])
+def test_fixture_slides_count_exactly(model, name):
+    r = open_reader(SLIDES / name)
+    h, w = r.level_shapes[0]
+    img = r.read_region(0, 0, 0, h, w)
+    r.close()
+    ref, scale = whole(model, img)
+    res = count_slide(SLIDES / name, model, tile=48, mask=None, progress=False, backend="eager")
+    assert abs(res.total - ref) <= 1e-5 * scale
+    assert res.shape == (h, w) and res.stats["tiles_processed"] >= 1
+
+
+def test_svs_through_tifffile_too(model):
+    t = TiffReader(SLIDES / "small.svs")
+    o = OpenSlideReader(SLIDES / "small.svs")
+    assert t.mpp == pytest.approx(0.499) and o.mpp == pytest.approx(0.499)
+    # Both decode the same JPEG tile; decoders may differ by a grey level.
+    d = np.abs(t.read_region(0, 0, 0, 16, 16).astype(int) - o.read_region(0, 0, 0, 16, 16).astype(int))
+    assert d.max() <= 2
+
+
+def test_level_and_mpp_selection(model):
+    res = count_slide(SLIDES / "boxes.tiff", model, level=2, tile=32, mask=None, progress=False)
+    assert res.level == 2 and res.shape == (62, 75) and res.downsample == pytest.approx(4.0, rel=0.01)
+    res = count_slide(SLIDES / "boxes.tiff", model, mpp=352.8 * 2, tile=32, mask=None, progress=False)
+    assert res.level == 1
+    with pytest.raises(ValueError, match="level must be in 0..3"):
+        count_slide(SLIDES / "boxes.tiff", model, level=4, progress=False)
+    with pytest.raises(ValueError, match="does not record its microns per pixel"):
+        count_slide(np.zeros((8, 8, 3), np.uint8), model, mpp=0.5, progress=False)
+
+
+def test_unreadable_svs_names_the_file(model):
+    for mask in ("auto", None):
+        with pytest.raises(SlideReadError, match="unreadable.svs.*Bogus marker length"):
+            count_slide(SLIDES / "unreadable.svs", model, mask=mask, progress=False)
+
+
+def test_unopenable_tiff_names_the_file_and_both_readers(model):
+    with pytest.raises(SlideReadError, match=r"unopenable\.tiff.*tifffile.*OpenSlide.*52479"):
+        count_slide(SLIDES / "unopenable.tiff", model, progress=False)
+
+
+def test_missing_and_unsupported_files(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.svs"):
+        count_slide(tmp_path / "nope.svs", model, progress=False)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(SlideReadError, match="junk.png"):
+        count_slide(junk, model, progress=False)
+    with pytest.raises(SlideReadError, match="directory"):
+        count_slide(tmp_path, model, progress=False)
+    with pytest.raises(TypeError, match="source must be a path"):
+        count_slide(12, model, progress=False)
+
+
+def test_conversions():
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    assert (to_rgb(g) == g[:, :, None]).all() and to_rgb(g).shape == (5, 6, 3)
+    rgba = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    assert (to_rgb(rgba) == rgba[:, :, :3]).all()
+    u16 = np.array([[0, 257, 65535, 128 * 257]], dtype=np.uint16)
+    assert to_rgb(u16)[0, :, 0].tolist() == [0, 1, 255, 128]
+    assert to_rgb(np.array([[3, 200]], dtype=np.int32)).dtype == np.uint8
+    with pytest.raises(ValueError, match="outside 0..255"):
+        to_rgb(np.array([[3, 300]], dtype=np.int32))
+    with pytest.raises(TypeError, match="dtype bool"):
+        to_rgb(np.zeros((2, 2), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        to_rgb(np.full((2, 2), np.nan, np.float32))
+
+
+def test_bad_arrays(model):
+    with pytest.raises(ValueError, match="empty"):
+        count_slide(np.zeros((0, 5, 3), np.uint8), model, progress=False)
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        count_slide(np.zeros((5, 5, 2), np.uint8), model, progress=False)
+    with pytest.raises(TypeError, match="dtype bool"):
+        count_slide(np.zeros((5, 5), bool), model, progress=False)
+    with pytest.raises(ValueError, match="HxW or HxWxC"):
+        count_slide(np.zeros((5, 5, 3, 1), np.uint8), model, progress=False)
+    with pytest.raises(TypeError, match="numpy"):
+        count_slide(torch.zeros(3, 5, 5), model, progress=False)
+
+
+def test_16bit_rgba_file_and_array(model, tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    a16 = rng.integers(0, 65536, (40, 50, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "x16.tif", a16, photometric="rgb", extrasamples=["unassalpha"], tile=(16, 16))
+    expect = np.round(a16[:, :, :3] / 257.0).astype(np.uint8)
+    ref, scale = whole(model, expect)
+    for src in (tmp_path / "x16.tif", a16):
+        res = count_slide(src, model, tile=32, mask=None, progress=False)
+        assert abs(res.total - ref) <= 1e-5 * scale
+
+
+def test_zarr_and_dask_sources(model):
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    img = np.random.default_rng(2).integers(0, 256, (70, 45, 3), dtype=np.uint8)
+    ref, scale = whole(model, img)
+    z = zarr.create_array(store=zarr.storage.MemoryStore(), shape=img.shape, chunks=(16, 16, 3), dtype="uint8")
+    z[:] = img
+    d = da.from_array(img, chunks=(20, 20, 3))
+    for src in (z, d):
+        assert isinstance(open_reader(src), ArrayReader)
+        res = count_slide(src, model, tile=32, mask=None, progress=False, batch_size=2)
+        assert abs(res.total - ref) <= 1e-5 * scale
+
+
+def test_region_outside_level_is_rejected():
+    r = ArrayReader(np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="outside level 0"):
+        r.read_region(0, 5, 5, 6, 2)
