@@ -75,8 +75,8 @@ def _conv_bn_lrelu_kernel(
     ih0 = oh * conv_stride - pad
     iw0 = ow * conv_stride - pad
     # Each output pixel's input at tap (0, 0); a tap then only adds a scalar
-    # offset. int64 image offset: a batch of large tiles overflows int32.
-    x_pix = x_ptr + img.to(tl.int64) * sxn + (ih0 * sxh + iw0 * sxw)
+    # offset. int64: offsets in a large image or batch overflow int32.
+    x_pix = x_ptr + img.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -106,9 +106,9 @@ def _conv_bn_lrelu_kernel(
 
     y = acc + tl.load(b_ptr + offs_n)[None, :]
     y = tl.where(y > 0, y, y * slope)
-    y_img = y_ptr + img.to(tl.int64) * syn
+    y_pix = y_ptr + img.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     tl.store(
-        y_img[:, None] + (oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc,
+        y_pix[:, None] + offs_n[None, :] * syc,
         y.to(y_ptr.dtype.element_ty),
         mask=m_ok[:, None] & (offs_n < C_out)[None, :],
     )
@@ -201,6 +201,8 @@ def conv_bn_lrelu(
         PREC=dot_precision(cw.weight.dtype, tf32), PADDED=cw.padding > 0,
     )
     m = n * ho * wo
+    if m >= 2**31:  # pixel indices are int32 inside the kernel
+        raise ValueError(f"x gives {m} output pixels (N*H*W); at most 2**31 - 1 per call: split the batch or tile the image")
     if blocks is not None or interpreting():
         bl = dict(blocks) if blocks is not None else _interpret_blocks(m, cw)
         if bl["BLOCK_N"] > cw.cout_p or bl["BLOCK_K"] > cw.cin_p or cw.cin_p % bl["BLOCK_K"]:

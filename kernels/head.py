@@ -89,8 +89,10 @@ def _head_kernel(
     c1 = tl.arange(0, C1_P)
     c2 = tl.arange(0, C2_P)
 
+    # int64: offsets in a large image overflow int32.
+    x_pix = x_ptr + img.to(tl.int64) * sxn + (oh * out_stride).to(tl.int64) * sxh + (ow * out_stride).to(tl.int64) * sxw
     x = tl.load(
-        x_ptr + img.to(tl.int64) * sxn + (oh * out_stride * sxh + ow * out_stride * sxw)[:, None] + c0[None, :] * sxc,
+        x_pix[:, None] + c0[None, :] * sxc,
         mask=m_ok[:, None] & (c0 < C0)[None, :],
         other=0.0,
     )
@@ -103,7 +105,7 @@ def _head_kernel(
     h2 = tl.where(h2 > 0, h2, h2 * slope2)
     y = tl.sum(h2 * tl.load(w3_ptr + c2)[None, :], axis=1) + tl.load(b3_ptr)
     y = tl.where(y > 0, y, y * slope3)
-    tl.store(y_ptr + img.to(tl.int64) * syn + oh * syh + ow * syw, y, mask=m_ok)
+    tl.store(y_ptr + img.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw, y, mask=m_ok)
     if EMIT_SUMS:
         tl.store(sums_ptr + img * tl.num_programs(0) + pid_m, tl.sum(tl.where(m_ok, y, 0.0), axis=0))
 

@@ -81,7 +81,9 @@ def _inception_kernel(
     rem = offs_m - img * (H * W)
     oh = rem // W
     ow = rem - oh * W
-    x_img = x_ptr + img.to(tl.int64) * sxn
+    # Input of each output pixel at the centre tap; taps add scalar offsets.
+    # int64: offsets in a large image or batch overflow int32.
+    x_pix = x_ptr + img.to(tl.int64) * sxn + oh.to(tl.int64) * sxh + ow.to(tl.int64) * sxw
 
     offs_a = tl.arange(0, A_P)
     offs_b = tl.arange(0, B_P)
@@ -96,7 +98,7 @@ def _inception_kernel(
             iw = ow + (t % 3 - 1)
             ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(
-                x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                x_pix[:, None] + ((t // 3 - 1) * sxh + (t % 3 - 1) * sxw + c * sxc)[None, :],
                 mask=ok[:, None] & c_ok,
                 other=0.0,
             )
@@ -107,7 +109,7 @@ def _inception_kernel(
                 w1 = tl.load(w1_ptr + c[:, None] * A_P + offs_a[None, :])
                 acc1 = tl.dot(a, w1, acc1, input_precision=PREC)
 
-    y_pix = y_ptr + img.to(tl.int64) * syn + oh * syh + ow * syw
+    y_pix = y_ptr + img.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     y1 = acc1 + tl.load(b1_ptr + offs_a)[None, :]
     y1 = tl.where(y1 > 0, y1, y1 * slope1)
     tl.store(
@@ -182,6 +184,8 @@ def inception(
     )
     meta = dict(CIN_P=iw.cin_p, A_P=iw.a_p, B_P=iw.b_p, PREC=dot_precision(iw.w1.dtype, tf32))
     m = n * h * w
+    if m >= 2**31:  # pixel indices are int32 inside the kernel
+        raise ValueError(f"x gives {m} output pixels (N*H*W); at most 2**31 - 1 per call: split the batch or tile the image")
     if blocks is not None or interpreting():
         if blocks is not None:
             bl = dict(blocks)
