@@ -142,9 +142,17 @@ def _configs():
 
 # EVEN_K depends on the tuned BLOCK_K: a heuristic under the autotuner.
 _conv_bn_lrelu_heur = triton.heuristics({"EVEN_K": lambda a: a["C_in"] % a["BLOCK_K"] == 0})(_conv_bn_lrelu_kernel)
-_conv_bn_lrelu_tuned = triton.autotune(
-    configs=_configs(), key=["C_in", "C_out", "Ho", "Wo", "KH", "KW", "PREC"], prune_configs_by={"early_config_prune": _prune}
-)(_conv_bn_lrelu_heur)
+
+
+def _tuned(**autotune_kw):
+    """The autotuned launcher (tests pass ``do_bench`` to drive it without a GPU)."""
+    return triton.autotune(
+        configs=_configs(), key=["C_in", "C_out", "Ho", "Wo", "KH", "KW", "PREC"],
+        prune_configs_by={"early_config_prune": _prune}, **autotune_kw,
+    )(_conv_bn_lrelu_heur)
+
+
+_conv_bn_lrelu_tuned = _tuned()
 
 # Interpreter: few, wide programs. numpy vectorises inside a program while
 # every program and loop trip costs Python overhead (BLOCK_M 2048 runs a

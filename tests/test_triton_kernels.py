@@ -186,3 +186,45 @@ def test_kernels_reduced_precision_on_gpu(dtype, tf32):
     hw = khead.prepare([_folded(m) for m in mods], dtype)
     x = _x(2, 32, 61, 67, seed=8, scale=2.0)
     assert rel_err(khead.head(_nhwc(x).to(dtype), hw, tf32=tf32), _ref(torch.nn.Sequential(*mods), x)) < 2e-2
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (autotuner + config pruning + heuristics + grid
+    lambdas + the head's tuned-config cache), driven here through the
+    interpreter with a stand-in benchmark that prefers later configs."""
+    timings = iter(range(10**6, 0, -1))
+
+    def fake_bench(fn, quantiles=None, **_):
+        fn()
+        t = float(next(timings))
+        return [t, t, t]
+
+    bench = {} if HAS_CUDA else {"do_bench": fake_bench}
+    for mod in (kconv, kinc, khead):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setattr(kconv, "_conv_bn_lrelu_tuned", kconv._tuned(**bench))
+    monkeypatch.setattr(kinc, "_inception_tuned", kinc._tuned(**bench))
+    monkeypatch.setattr(khead, "_head_tuned", khead._tuned(**bench))
+    monkeypatch.setattr(khead, "_TUNED", {})
+
+    block = _block(20, 17, 3, 2)
+    x = _x(2, 20, 9, 11)
+    y = _nchw(kconv.conv_bn_lrelu(_nhwc(x), kconv.prepare(_folded(block))))
+    assert rel_err(y, _ref(block, x)) < TOL
+    assert kconv._conv_bn_lrelu_tuned.best_config.kwargs["BLOCK_K"] <= 32  # pruned to the padded C_in
+
+    torch.manual_seed(2)
+    inc = randomize_bn(Inception(17, 5, 7), seed=3).eval()
+    x = _x(2, 17, 7, 9)
+    iw = kinc.prepare(FoldedInception(_folded(inc.branch1), _folded(inc.branch3)))
+    assert rel_err(_nchw(kinc.inception(_nhwc(x), iw)), _ref(inc, x)) < TOL
+
+    mods, hw = _head_blocks(5, 9, 17, 2)
+    x = _x(2, 5, 13, 21)
+    y, sums = khead.head(_nhwc(x), hw, emit_sums=True)
+    ref = _ref(torch.nn.Sequential(*mods), x)
+    assert rel_err(y, ref) < TOL
+    assert len(khead._TUNED) == 1
+    bm = next(iter(khead._TUNED.values()))["BLOCK_M"]
+    assert sums.shape == (2, -(-(y.shape[2] * y.shape[3]) // bm))
+    assert torch.allclose(sums.double().sum(1).cpu(), ref.sum((1, 2, 3)).cpu(), atol=1e-5 * float(ref.abs().sum()))
