@@ -8,7 +8,6 @@ from fastcount import CountCeption, count_slide, redundant_count
 from fastcount.slide import ArrayReader, OpenSlideReader, SlideReadError, TiffReader, open_reader
 from fastcount.slide.readers import to_rgb
 
-openslide = pytest.importorskip("openslide", reason="the slides extra (openslide-python + openslide-bin) is needed")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,8 +144,9 @@ def test_16bit_rgba_file_and_array(model, tmp_path):
 
 
 def test_zarr_and_dask_sources(model):
-    zarr = pytest.importorskip("zarr")
-    da = pytest.importorskip("dask.array")
+    import dask.array as da
+    import zarr
+
     img = np.random.default_rng(2).integers(0, 256, (70, 45, 3), dtype=np.uint8)
     ref, scale = whole(model, img)
     z = zarr.create_array(store=zarr.storage.MemoryStore(), shape=img.shape, chunks=(16, 16, 3), dtype="uint8")

@@ -163,8 +163,12 @@ class TiffReader(SlideReader):
     """Tiled / pyramidal TIFF (incl. OME-TIFF, SubIFD pyramids, SVS) through tifffile + zarr."""
 
     def __init__(self, path):
-        import tifffile
-
+        try:
+            import tifffile
+            import zarr  # noqa: F401  (lazy region reads go through tifffile's zarr store)
+        except ImportError as e:
+            raise SlideReadError(f"reading {path} with tifffile needs tifffile and zarr: "
+                                 f"pip install 'fastcount[slides]' ({e})") from e
         self.path = Path(path)
         self.name = str(path)
         try:
