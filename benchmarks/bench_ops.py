@@ -67,7 +67,7 @@ def _box_last(x, r, s):
 
 
 def make_targets_torch_best(dots, r=R, s=1):
-    """Fastest exact plain-PyTorch version found: int32 (float64 for float maps)
+    """Fastest plain-PyTorch version found: int32 (float64 for float maps; exact while box sums fit int32)
     separable cumsum, each scan along a contiguous axis, only sampled rows kept."""
     x = dots.to(torch.float64 if dots.is_floating_point() else torch.int32)
     t = _box_last(x, r, s)
