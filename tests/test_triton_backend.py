@@ -120,7 +120,8 @@ def test_plan_is_built_once_and_is_independent_of_the_module():
 # Tolerances (full-size model, 256x256, random weights, randomised BN), vs eager fp32 with TF32 off:
 #   fp32, IEEE dot:       map relative error < 1e-4
 #   fp32, TF32 dot:       map relative error < 1e-2 (10-bit mantissa inputs, fp32 accumulate)
-#   bf16 (fp32 acc.):     map relative error < 5e-2, relative count error < 1e-2
+#   bf16/fp16 (fp32 acc.): map relative error < 5e-2, count error < 1e-2 * sum|map| / r
+#   (CPU estimate, eager bf16 autocast at 64x64: map 9e-3, count 2.3e-3 relative)
 GPU_TOL = {("fp32", False): 1e-4, ("fp32", True): 1e-2, ("bf16", None): 5e-2, ("fp16", None): 5e-2}
 
 
@@ -151,7 +152,9 @@ def test_gpu_full_model_matches_eager(precision, tf32, capsys):
         )
     assert err < GPU_TOL[(precision, tf32)]
     if precision != "fp32":
-        assert float((diff / count_ref.abs().clamp_min(1e-6)).max()) < 1e-2
+        # relative to sum|map| / r, which cannot cancel to ~0 the way the signed count can
+        scale = ref.double().abs().sum(dim=(1, 2, 3)) / r
+        assert float((diff / scale).max()) < 1e-2
 
 
 @gpu
