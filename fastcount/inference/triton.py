@@ -17,6 +17,7 @@ runs at stride 1; same result as the module.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -150,13 +151,15 @@ class TritonBackend:
         """Count map ``(N, 1, H', W')`` fp32; with ``emit_sums`` also per-image
         sums of the map ``(N,)`` float64, reduced from the head's per-tile sums."""
         self._check(x)
-        h = x.permute(0, 2, 3, 1)  # NHWC view: the first conv reads NCHW through strides, no copy
-        for kind, w, s in self.stages:
-            if kind == "inception":
-                h = self._k_inc.inception(h, w, tf32=self.tf32)
-            else:
-                h = self._k_conv.conv_bn_lrelu(h, w, stride=s, tf32=self.tf32)
-        res = self._k_head.head(h, self._head, stride=self._head_stride, emit_sums=emit_sums, tf32=self.tf32)
+        # Triton launches on the current CUDA device: make it the weights' device.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            h = x.permute(0, 2, 3, 1)  # NHWC view: the first conv reads NCHW through strides, no copy
+            for kind, w, s in self.stages:
+                if kind == "inception":
+                    h = self._k_inc.inception(h, w, tf32=self.tf32)
+                else:
+                    h = self._k_conv.conv_bn_lrelu(h, w, stride=s, tf32=self.tf32)
+            res = self._k_head.head(h, self._head, stride=self._head_stride, emit_sums=emit_sums, tf32=self.tf32)
         if emit_sums:
             out, sums = res
             return out, sums.double().sum(dim=1)
