@@ -129,11 +129,9 @@ class TritonBackend:
                 self.stages.append(("conv", conv_bn_lrelu.prepare(layer, self.dtype), s))
             else:
                 raise TypeError(f"unexpected plan layer {type(layer).__name__}")
-        head_stride = 1 if isinstance(body[-1], FoldedConv) else out_stride
-        if not isinstance(body[-1], FoldedConv) and out_stride > 1:
-            raise ValueError("a strided head needs a conv before it")
         self._head = head.prepare(tail, self.dtype)
-        self._head_stride = head_stride
+        # The stride went into the conv before the head; otherwise the head samples it.
+        self._head_stride = 1 if isinstance(body[-1], FoldedConv) else out_stride
 
     def _check(self, x) -> None:
         if not isinstance(x, torch.Tensor):
