@@ -114,6 +114,15 @@ def test_make_targets_large_values_exact(dtype, value, patch_size):
     assert torch.equal(torch.ops.fastcount.make_targets(dots, patch_size, patch_size // 4), want)
 
 
+@pytest.mark.parametrize("patch_size", [2900, 2904])
+def test_make_targets_uint8_accumulator_boundary(patch_size):
+    """255 * r^2 just below (2900) and above (2904) 2^31: 32- vs 64-bit sums, both exact."""
+    dots = torch.full((2950, 2950), 255, dtype=torch.uint8)
+    want = make_targets_reference(dots, patch_size, patch_size)
+    assert float(want.max()) == float(torch.tensor(255 * patch_size**2, dtype=torch.float32))
+    assert torch.equal(torch.ops.fastcount.make_targets(dots, patch_size, patch_size), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_make_targets_fractional_float(dtype):
     g = gen(13)
