@@ -4,6 +4,13 @@ Public functions validate their inputs, then run the compiled ops from
 ``csrc/`` when the extension is built (``torch.ops.fastcount.*``) or the
 pure-PyTorch reference implementations below, which stay the tested ground
 truth.
+
+The compiled ops run on CPU tensors, and on CUDA tensors when the extension
+was built with its CUDA kernels (other devices use the references). They are
+exact for integer-valued dot maps; fractional float dot maps agree with the
+references to float64 rounding, and CPU, CUDA and any thread count give the
+same bits (a fixed summation order, see csrc/fastcount_ops.h). They have fake
+kernels (torch.compile, meta tensors) and ``redundant_count`` has a gradient.
 """
 from __future__ import annotations
 
