@@ -188,7 +188,8 @@ def make_variants(model, device, precisions=("fp32", "bf16"), compile_mode="max-
     variants = [("eager fp32", eager_fp32, fp32_key), ("eager channels_last bf16", eager_cl_bf16, "bf16")]
     if compile_mode is not None:
         # dry run: dynamo only ("eager" backend); inductor's C++ build on a CPU measures nothing useful.
-        compiled = torch.compile(cl, backend="eager") if dry_run else torch.compile(cl, mode=compile_mode)
+        # dynamic=False: one static graph per batch size, each tuned for its shape (fairest baseline).
+        compiled = torch.compile(cl, backend="eager") if dry_run else torch.compile(cl, mode=compile_mode, dynamic=False)
 
         def compiled_bf16(x):
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
