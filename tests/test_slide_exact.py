@@ -124,3 +124,19 @@ def test_callers_model_is_left_alone():
         assert model.training
     finally:
         model.eval()
+
+
+@pytest.mark.parametrize("cell", [1, 7, 64])
+def test_density_any_cell(cell):
+    model = tiny_model(2, 1)
+    img = np.random.default_rng(4).integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    ref, scale, cm = whole_image(model, img)
+    res = count_slide(img, model, tile=32, cell=cell, mask=None, progress=False, batch_size=2)
+    assert res.cell == cell
+    np.testing.assert_allclose(res.density, redundant_count(cm[0, 0], 32, 2, cell=cell).numpy(), atol=1e-5 * scale)
+
+
+def test_tiles_are_evened_out():
+    # 1056 output rows with tile 512: three tiles of 352, not 512 + 512 + 32.
+    plan = plan_tiles(1024, 1024, 512, tiny_model(1, 0).geometry)
+    assert plan.grid == (3, 3) and {t.oy1 - t.oy0 for t in plan.tiles} == {352}

@@ -152,15 +152,25 @@ def _pick_level(reader: SlideReader, level, mpp) -> int:
     return int(level)
 
 
-def _default_cell(tile: int, g, out_shape) -> int:
-    """Density block side (count-map px): divides tile/s so tiles own whole blocks;
-    about r/s, coarser for huge slides so the grid stays <= 2048 per side."""
-    t = tile // g.stride
-    target = max(1, g.r // g.stride)
-    while max(out_shape) / target > 2048:
-        target *= 2
-    divs = [d for d in range(1, t + 1) if t % d == 0 and d >= target]
-    return divs[0] if divs else t
+def _default_cell(g, out_shape) -> int:
+    """Density block side (count-map px): r/s (one window), coarser for huge slides so
+    the grid stays <= 2048 per side."""
+    cell = max(1, g.r // g.stride)
+    while max(out_shape) / cell > 2048:
+        cell *= 2
+    return cell
+
+
+def _block_sum(piece: torch.Tensor, gy0: int, gx0: int, cell: int):
+    """Sum ``piece`` (placed at global count-map row gy0, col gx0) into density blocks:
+    returns (first block row, first block col, block sums)."""
+    h, w = piece.shape
+    dev = piece.device
+    ry = (torch.arange(gy0, gy0 + h, device=dev) // cell) - gy0 // cell
+    rx = (torch.arange(gx0, gx0 + w, device=dev) // cell) - gx0 // cell
+    rows = torch.zeros((int(ry[-1]) + 1, w), dtype=piece.dtype, device=dev).index_add_(0, ry, piece)
+    blk = torch.zeros((rows.shape[0], int(rx[-1]) + 1), dtype=piece.dtype, device=dev).index_add_(1, rx, rows)
+    return gy0 // cell, gx0 // cell, blk
 
 
 def _check_positive(name, v, allow_none=True):
@@ -250,9 +260,10 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
         model: a ``CountCeption``, a weights path, or None for the default weights.
         level: pyramid level to count at. ``mpp``: instead of ``level``, the
             target microns per pixel (the level closest to it is used).
-        tile: output tile side in full-resolution count-map pixels (>= 16 and
-            a multiple of the model's stride). Each tile reads ``tile + r + 12``
-            input rows at most.
+        tile: largest output tile side in full-resolution count-map pixels
+            (>= 16 and a multiple of the model's stride). The plan evens tiles
+            out (no thin slivers at the far edge); each tile reads at most
+            ``tile + r + 12 + stride`` input rows.
         batch_size: tiles per backend call (tiles of equal input shape are
             batched together); default 1 on CPU, about 4 Mpx per batch on GPU.
         device, backend, precision: see ``fastcount.inference.compile``.
@@ -262,7 +273,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
             Tiles whose whole input box is masked out count 0 and are never read.
         workers: reader threads (default min(4, CPUs)).
         progress: show a tqdm bar (tiles/s, ETA).
-        cell: density block side in count-map pixels (must divide tile/stride).
+        cell: density block side in count-map pixels (default r/s, coarser on huge slides).
         checkpoint: path of a resume file. Finished batches are saved every
             ``checkpoint_every`` seconds, on Ctrl-C and at the end; a rerun with
             the same arguments continues from it and gives the identical total.
@@ -317,9 +328,9 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
     plan = plan_tiles(H, W, tile, g)
     out_shape = plan.out_shape
     if cell is None:
-        cell = _default_cell(tile, g, out_shape)
-    elif isinstance(cell, bool) or not isinstance(cell, int) or cell < 1 or (tile // g.stride) % cell:
-        raise ValueError(f"cell must be a positive int dividing tile/stride = {tile // g.stride}, got {cell!r}")
+        cell = _default_cell(g, out_shape)
+    elif isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise ValueError(f"cell must be a positive int (density block side in count-map pixels), got {cell!r}")
 
     # ---- mask (thumbnail first: it is also the heatmap's background)
     thumb_from_tiles = None
@@ -407,11 +418,8 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
         for k, t in enumerate(batches[bi]):
             piece = out[k, 0, t.cy0 : t.cy1, t.cx0 : t.cx1].to(torch.float64)
             s = float(piece.sum())
-            ph, pw = -piece.shape[0] % cell, -piece.shape[1] % cell
-            if ph or pw:
-                piece = torch.nn.functional.pad(piece, (0, pw, 0, ph))
-            blk = piece.reshape(piece.shape[0] // cell, cell, piece.shape[1] // cell, cell).sum(dim=(1, 3))
-            res.append((t, s, blk))
+            by, bx, blk = _block_sum(piece, t.gy0, t.gx0, cell)
+            res.append((t, s, by, bx, blk))
         t_compute += time.perf_counter() - t0
         staged = [bi, res, 0]
         commit()
@@ -422,9 +430,8 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
         nonlocal staged, processed, area
         bi, res, k0 = staged
         for k in range(k0, len(res)):
-            t, s, blk = res[k]
+            t, s, by, bx, blk = res[k]
             sums[t.index] = s
-            by, bx = t.gy0 // cell, t.gx0 // cell
             dens_t[by : by + blk.shape[0], bx : bx + blk.shape[1]] += blk
             area += (t.oy1 - t.oy0) * (t.ox1 - t.ox0)
             staged[2] = k + 1

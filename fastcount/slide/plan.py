@@ -1,8 +1,9 @@
 """Tile plan: output tiles that partition the count map exactly (SPEC §3).
 
 The full-resolution (stride-1) count map of an ``H x W`` image is
-``(H + r) x (W + r)``. It is cut into output tiles of ``tile x tile``
-full-resolution pixels (edge tiles smaller). Each tile reads the input rows
+``(H + r) x (W + r)``. It is cut into output tiles of at most ``tile x tile``
+full-resolution pixels, evened out along each axis (a multiple of the stride;
+edge tiles may be smaller). Each tile reads the input rows
 ``Geometry.input_span`` gives (full halo on interior sides, clipped at the
 true image border so the whole image's own feature-map padding is
 reproduced), with the first row/column moved down to a multiple of the stride
@@ -78,9 +79,12 @@ def _spans(n: int, tile: int, g: Geometry):
     """Per tile along one axis: (input a, b), (crop c0, c1), global count-map start, full-res out span."""
     full = g.full_size(n)
     s = g.stride
+    # Even out the tiles (never above ``tile``): a thin last tile would pay a whole halo.
+    k = math.ceil(full / tile)
+    step = min(tile, math.ceil(math.ceil(full / k) / s) * s)
     out = []
-    for o0 in range(0, full, tile):
-        o1 = min(o0 + tile, full)
+    for o0 in range(0, full, step):
+        o1 = min(o0 + step, full)
         a, b = g.input_span(o0, o1, n)
         a -= a % s  # extra halo above: harmless, and aligns the tile's stride grid with the global one
         c0 = (o0 - a) // s
