@@ -61,13 +61,16 @@ def _grid(out_h: int, out_w: int, k: int, t: int):
     return b, math.ceil(out_h / b), math.ceil(out_w / b)
 
 
-def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: int = 1) -> float:
+def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: int = 1,
+             weight_passes: float = 1.0) -> float:
     """Modelled seconds of one overlap-save layer with FFT size ``t`` (relative units).
 
     Counts FFT flops (~2.5 T^2 log2 T^2 per real 2-D transform), the complex
     channel mixing (8 real flops per complex multiply-add), and the bytes of the
-    streaming passes: tile gather, spectrum permute, weight spectra (read once
-    per call, ``F*C*O`` complex), and the output crop. Larger tiles waste less
+    streaming passes: tile gather, spectrum permute, weight spectra (``F*C*O``
+    complex, read ``weight_passes`` times: once in inference, several times in
+    training where they are rebuilt and differentiated every step), and the
+    output crop. Larger tiles waste less
     overlap but have larger weight spectra and fewer tiles to reuse them over.
     """
     b, ny, nx = _grid(out_h, out_w, k, t)
@@ -75,18 +78,19 @@ def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: i
     f = t * (t // 2 + 1)
     fft = 2.5 * t * t * math.log2(t * t) * p * (c_in + c_out)
     mix = 8.0 * f * p * c_in * c_out
-    bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 8 * f * c_in * c_out + 4 * p * t * t * c_out
+    bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 8 * f * c_in * c_out * weight_passes + 4 * p * t * t * c_out
     return (fft + mix) * _FLOP_S + bytes_ * _BYTE_S + f * _CALL_S
 
 
-def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1) -> int:
+def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1,
+                    weight_passes: float = 1.0) -> int:
     """The 2,3,5-smooth FFT size with the lowest :func:`fft_cost` for this layer and input."""
     # One tile covering the whole map is the largest useful size; tiles under 2k are mostly
     # overlap; past 256 the weight spectra (F*C*O complex) outgrow any cache.
     whole = smooth_sizes(max(out_h, out_w) + k - 1, 2 * (max(out_h, out_w) + k))[0]
     top = max(k + 1, min(whole, 256))
     cands = smooth_sizes(min(2 * k, top), top) or smooth_sizes(k + 1, 2 * k + 2)[:1]
-    return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n))
+    return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n, weight_passes))
 
 
 def _check_fft_size(t: int, k: int) -> int:
@@ -103,7 +107,7 @@ def kernel_spectrum(weight: torch.Tensor, t: int) -> torch.Tensor:
     """
     o, c = weight.shape[:2]
     spec = torch.fft.rfft2(weight, s=(t, t)).conj()  # (O, C, t, t//2+1)
-    return spec.permute(2, 3, 1, 0).reshape(t * (t // 2 + 1), c, o)
+    return spec.permute(2, 3, 1, 0).reshape(t * (t // 2 + 1), c, o).resolve_conj()
 
 
 def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -128,7 +132,12 @@ def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if h < k or w < k:
         raise ValueError(f"x spatial size {h}x{w} is smaller than the {k}x{k} kernel of a valid convolution")
     ho, wo = h - k + 1, w - k + 1
-    t = choose_fft_size(c, o, k, ho, wo, n) if fft_size is None else _check_fft_size(fft_size, k)
+    if fft_size is None:
+        # Training rebuilds and differentiates the weight spectra every step: weigh them more.
+        passes = 8.0 if torch.is_grad_enabled() and weight.requires_grad else 1.0
+        t = choose_fft_size(c, o, k, ho, wo, n, passes)
+    else:
+        t = _check_fft_size(fft_size, k)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, weight = x.to(dt), weight.to(dt)
     b, ny, nx = _grid(ho, wo, k, t)
@@ -137,9 +146,17 @@ def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (N, C, ny, nx, t, t)
     tf = t // 2 + 1
     xs = torch.fft.rfft2(tiles)  # (N, C, ny, nx, t, tf)
-    xs = xs.permute(4, 5, 0, 2, 3, 1).reshape(t * tf, n * ny * nx, c)
-    ys = torch.bmm(xs, kernel_spectrum(weight, t))  # (F, P, O)
-    ys = ys.reshape(t, tf, n, ny, nx, o).permute(2, 5, 3, 4, 0, 1)
+    p = n * ny * nx
+    # (F, P, [re C | im C]) real, so the complex mixing is real GEMMs (PyTorch's complex
+    # bmm and its backward run far slower on CPU than sgemm).
+    xs = torch.view_as_real(xs).permute(4, 5, 0, 2, 3, 6, 1).reshape(t * tf, p, 2 * c)
+    k = torch.view_as_real(kernel_spectrum(weight, t))  # (F, C, O, 2)
+    kr, ki = k[..., 0], k[..., 1]
+    # One real GEMM per frequency: [xr | xi] @ [[kr, ki], [-ki, kr]] = [yr | yi]. A single
+    # bmm whose output is only sliced keeps every backward GEMM on contiguous operands.
+    m = torch.cat([torch.cat([kr, ki], 2), torch.cat([-ki, kr], 2)], 1)  # (F, 2C, 2O)
+    ys = torch.bmm(xs, m)  # (F, P, 2O)
+    ys = torch.complex(ys[..., :o], ys[..., o:]).reshape(t, tf, n, ny, nx, o).permute(2, 5, 3, 4, 0, 1)
     y = torch.fft.irfft2(ys, s=(t, t))[..., :b, :b]  # (N, O, ny, nx, b, b)
     y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, o, ny * b, nx * b)[:, :, :ho, :wo]
     if bias is not None:
