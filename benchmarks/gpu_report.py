@@ -279,12 +279,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10, help="timing repetitions (scales do_bench's budget)")
     ap.add_argument("--count-images", type=int, default=8, help="256x256 images for the count difference")
     ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile(max-autotune)")
+    ap.add_argument("--sections", default="layers,e2e,counts",
+                    help="which tables, comma-separated from layers,e2e,counts (default all)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the dense peak (TFLOP/s) for %% of peak")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     if args.dry_run:
         device = torch.device("cpu")
+        torch.manual_seed(0)
         model = randomize_bn(CountCeption(patch_size=8, width=0.125)).eval()
         args.size, args.layer_batch, args.reps = 24, 1, 1
         args.batches = "1,2"
@@ -298,6 +301,9 @@ def main(argv=None):
         args.count_size = 256
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.precisions = [p.strip() for p in args.precisions.split(",")]
+    sections = {x.strip() for x in args.sections.split(",")}
+    if not sections or not sections <= {"layers", "e2e", "counts"}:
+        ap.error(f"--sections must be from layers,e2e,counts, got {args.sections!r}")
     for p in args.precisions:
         if p not in ("fp32", "bf16", "fp16"):
             ap.error(f"--precisions must be from fp32,bf16,fp16, got {p!r}")
@@ -314,9 +320,13 @@ def main(argv=None):
     results = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "dry_run": args.dry_run,
                "layers": [], "end_to_end": [], "counts": []}
     t0 = time.time()
-    per_layer(model, args, device, t, peaks, results)
-    tri = end_to_end(model, args, device, t, peaks, results)
-    count_diffs(model, tri, args, device, results)
+    if "layers" in sections:
+        per_layer(model, args, device, t, peaks, results)
+    if "e2e" in sections:
+        end_to_end(model, args, device, t, peaks, results)
+    if "counts" in sections:
+        tri = {p: build(model, precision=p, device=device) for p in args.precisions}
+        count_diffs(model, tri, args, device, results)
     print(f"\n(total {time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
