@@ -233,3 +233,33 @@ def test_cli_demo(tmp_path):
     if not default_weights_path().is_file():
         assert "UNTRAINED" in r.stdout
     assert (tmp_path / "demo.png").is_file()
+
+
+def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
+    """SIGINT to a running process: the checkpoint on disk stays loadable and resumes exactly."""
+    import signal
+    import time
+
+    img = np.random.default_rng(8).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    np.save(tmp_path / "img.npy", img)
+    w = save_model(model, tmp_path / "w.safetensors")
+    ck = tmp_path / "ck.npz"
+    script = (
+        "import numpy as np, torch, fastcount; torch.set_num_threads(1); "
+        f"m = fastcount.load_model({str(w)!r}); img = np.load({str(tmp_path / 'img.npy')!r}); "
+        f"fastcount.count_slide(img, m, tile=16, mask=None, progress=False, backend='eager', workers=1, "
+        f"checkpoint={str(ck)!r}, checkpoint_every=0)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ck.exists() and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "KeyboardInterrupt" in err
+    with np.load(ck) as z:
+        assert 0 < z["done"].sum() < len(z["done"])
+    ref = count_slide(img, model, tile=16, mask=None, progress=False, backend="eager")
+    res = count_slide(img, model, tile=16, mask=None, progress=False, backend="eager", checkpoint=ck)
+    assert res.stats["tiles_resumed"] > 0 and res.total == ref.total

@@ -139,7 +139,7 @@ def test_16bit_rgba_file_and_array(model, tmp_path):
     expect = np.round(a16[:, :, :3] / 257.0).astype(np.uint8)
     ref, scale = whole(model, expect)
     for src in (tmp_path / "x16.tif", a16):
-        res = count_slide(src, model, tile=32, mask=None, progress=False)
+        res = count_slide(src, model, tile=32, mask=None, progress=False, backend="eager")
         assert abs(res.total - ref) <= 1e-5 * scale
 
 
@@ -154,7 +154,7 @@ def test_zarr_and_dask_sources(model):
     d = da.from_array(img, chunks=(20, 20, 3))
     for src in (z, d):
         assert isinstance(open_reader(src), ArrayReader)
-        res = count_slide(src, model, tile=32, mask=None, progress=False, batch_size=2)
+        res = count_slide(src, model, tile=32, mask=None, progress=False, batch_size=2, backend="eager")
         assert abs(res.total - ref) <= 1e-5 * scale
 
 
