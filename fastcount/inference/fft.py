@@ -41,6 +41,10 @@ __all__ = [
 _FLOP_S = 1.0 / 60e9  # FFT butterflies and small batched GEMMs reach well below FMA peak
 _BYTE_S = 1.0 / 6e9  # streaming passes (tile gather, transposes, padding, crop); measured under load
 _CALL_S = 20e-6  # fixed overhead per batched-GEMM matrix (tiny per-frequency matmuls)
+_TRANSFORM_S = 5e-6  # fixed overhead per 2-D transform (small FFTs run far below their flop rate)
+# Largest FFT size considered: the cached real-block weight spectrum of the 18x18 layer
+# is F * 2C * 2O floats, about 280 MB at T = 128 (and grows with T^2).
+MAX_FFT = 128
 
 
 def smooth_sizes(lo: int, hi: int) -> list[int]:
@@ -79,16 +83,16 @@ def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: i
     fft = 2.5 * t * t * math.log2(t * t) * p * (c_in + c_out)
     mix = 8.0 * f * p * c_in * c_out
     bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 8 * f * c_in * c_out * weight_passes + 4 * p * t * t * c_out
-    return (fft + mix) * _FLOP_S + bytes_ * _BYTE_S + f * _CALL_S
+    return (fft + mix) * _FLOP_S + bytes_ * _BYTE_S + f * _CALL_S + p * (c_in + c_out) * _TRANSFORM_S
 
 
 def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1,
                     weight_passes: float = 1.0) -> int:
     """The 2,3,5-smooth FFT size with the lowest :func:`fft_cost` for this layer and input."""
     # One tile covering the whole map is the largest useful size; tiles under 2k are mostly
-    # overlap; past 256 the weight spectra (F*C*O complex) outgrow any cache.
+    # overlap; past MAX_FFT the weight spectra (F*C*O complex) take too much memory.
     whole = smooth_sizes(max(out_h, out_w) + k - 1, 2 * (max(out_h, out_w) + k))[0]
-    top = max(k + 1, min(whole, 256))
+    top = max(k + 1, min(whole, max(MAX_FFT, 2 * k)))
     cands = smooth_sizes(min(2 * k, top), top) or smooth_sizes(k + 1, 2 * k + 2)[:1]
     return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n, weight_passes))
 
@@ -311,10 +315,15 @@ class SpectralConv:
         # NHWC -> (C, N, H, W) by one 2-D transpose, then zero-pad to whole tiles.
         xc = torch.empty(c, n * h * w, dtype=x.dtype)
         xc.copy_(x.reshape(n * h * w, c).t())
-        xc = torch.nn.functional.pad(xc.view(c, n, h, w), (0, max(wp - w, 0), 0, max(hp - h, 0)))
-        tiles = xc.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
+        hq, wq = max(hp, h), max(wp, w)
+        xp = torch.empty(c, n, hq, wq, dtype=x.dtype)
+        xp[:, :, :h, :w] = xc.view(c, n, h, w)
+        xp[:, :, h:].zero_()  # zero only the padding strips
+        xp[:, :, :h, w:].zero_()
+        del xc
+        tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
         xs = torch.fft.rfft2(tiles)  # (C, N, ny, nx, t, tf)
-        del xc, tiles
+        del xp, tiles
         # (C*P, F) complex = (C*P, 2F) real -> (2F, C*P): per frequency [re (C, P) | im (C, P)].
         xt = torch.empty(2 * f, c * p, dtype=x.dtype)
         xt.copy_(torch.view_as_real(xs).view(c * p, 2 * f).t())
