@@ -162,3 +162,27 @@ def test_region_outside_level_is_rejected():
     r = ArrayReader(np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="outside level 0"):
         r.read_region(0, 5, 5, 6, 2)
+
+
+def test_ome_tiff_pyramid_with_mpp(model, tmp_path):
+    import tifffile
+
+    from fastcount.data.synth import cell_image
+
+    img, _ = cell_image((96, 130), seed=3)  # smooth content: JPEG keeps it close
+    path = tmp_path / "x.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(img, subifds=1, tile=(32, 32), photometric="rgb", compression="jpeg",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm",
+                            "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+        tif.write(img[::2, ::2], subfiletype=1, tile=(32, 32), photometric="rgb", compression="jpeg")
+    r = open_reader(path)
+    assert isinstance(r, TiffReader) and r.level_shapes == [(96, 130), (48, 65)]
+    assert r.mpp == pytest.approx(0.25)
+    full = r.read_region(0, 0, 0, 96, 130)
+    assert np.abs(full.astype(int) - img.astype(int)).mean() < 4  # JPEG, decoded through imagecodecs
+    r.close()
+    ref, scale = whole(model, full)
+    res = count_slide(path, model, mpp=0.25, tile=48, mask=None, progress=False, backend="eager")
+    assert res.level == 0 and abs(res.total - ref) <= 1e-5 * scale
+    assert count_slide(path, model, mpp=0.5, tile=48, mask=None, progress=False).level == 1
