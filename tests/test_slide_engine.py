@@ -263,3 +263,14 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     ref = count_slide(img, model, tile=16, mask=None, progress=False, backend="eager")
     res = count_slide(img, model, tile=16, mask=None, progress=False, backend="eager", checkpoint=ck)
     assert res.stats["tiles_resumed"] > 0 and res.total == ref.total
+
+
+def test_geojson_keeps_every_count_with_small_cells(model):
+    img = np.random.default_rng(9).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    res = count_slide(img, model, tile=32, cell=3, mask=None, progress=False)
+    gj = res.to_geojson(min_count=-np.inf)
+    assert len(gj["features"]) == res.density.size
+    assert sum(f["properties"]["measurements"]["Count"] for f in gj["features"]) == pytest.approx(res.total)
+    for f in gj["features"]:
+        (x0, y0), _, (x1, y1) = f["geometry"]["coordinates"][0][:3]
+        assert 0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 40

@@ -77,6 +77,12 @@ class SlideCount:
         H, W = self.shape
         y0, x0 = max(i * side - off, 0.0), max(j * side - off, 0.0)
         y1, x1 = min((i + 1) * side - off, H), min((j + 1) * side - off, W)
+        # A block wholly in the count map's margin past the far edge (small cells only) keeps
+        # a 1-px strip at the edge, so every count stays on the image.
+        if y1 <= y0:
+            y0, y1 = max(H - 1.0, 0.0), float(H)
+        if x1 <= x0:
+            x0, x1 = max(W - 1.0, 0.0), float(W)
         return y0, x0, y1, x1
 
     # ----------------------------------------------------------------- exports
@@ -119,8 +125,6 @@ class SlideCount:
         ds = self.downsample
         for i, j in zip(*np.nonzero(self.density > min_count)):
             y0, x0, y1, x1 = self.block_box(int(i), int(j))
-            if y1 <= y0 or x1 <= x0:
-                continue  # block lies entirely in the count map's margin outside the image
             ring = [[x0 * ds, y0 * ds], [x1 * ds, y0 * ds], [x1 * ds, y1 * ds], [x0 * ds, y1 * ds], [x0 * ds, y0 * ds]]
             feats.append({
                 "type": "Feature",
