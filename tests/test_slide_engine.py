@@ -73,7 +73,7 @@ def test_auto_mask_fluorescence_and_brightfield():
 
 def test_masked_tiles_are_never_read_at_full_resolution(model, synth_slide):
     r = CountingReader(open_reader(synth_slide["path"]))
-    res = count_slide(r, model, tile=128, progress=False)
+    res = count_slide(r, model, tile=128, progress=False, backend="eager")
     st = res.stats
     assert st["tiles_skipped"] > 0.5 * st["tiles_total"]
     assert st["tiles_processed"] + st["tiles_skipped"] == st["tiles_total"]
@@ -85,19 +85,19 @@ def test_masked_tiles_are_never_read_at_full_resolution(model, synth_slide):
 
 def test_user_mask_any_resolution_and_wrong_shape(model):
     img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    none = count_slide(img, model, tile=32, mask=None, progress=False)
-    allm = count_slide(img, model, tile=32, mask=np.ones((2, 3), bool), progress=False)
+    none = count_slide(img, model, tile=32, mask=None, progress=False, backend="eager")
+    allm = count_slide(img, model, tile=32, mask=np.ones((2, 3), bool), progress=False, backend="eager")
     assert allm.total == none.total and allm.stats["tiles_skipped"] == 0
-    zero = count_slide(img, model, tile=32, mask=np.zeros((64, 96), bool), progress=False)
+    zero = count_slide(img, model, tile=32, mask=np.zeros((64, 96), bool), progress=False, backend="eager")
     assert zero.total == 0 and zero.stats["tiles_processed"] == 0
     half = np.zeros((8, 12), bool)
     half[:, :3] = True  # left quarter only
-    part = count_slide(img, model, tile=32, mask=half, progress=False)
+    part = count_slide(img, model, tile=32, mask=half, progress=False, backend="eager")
     assert 0 < part.stats["tiles_processed"] < none.stats["tiles_processed"]
     for bad, err in [(np.ones((64, 64), bool), ValueError), (np.ones((4, 4, 3), bool), ValueError),
                      (np.full((64, 96), 0.5), TypeError), ("tissue", ValueError), (3, TypeError)]:
         with pytest.raises(err, match="mask"):
-            count_slide(img, model, tile=32, mask=bad, progress=False)
+            count_slide(img, model, tile=32, mask=bad, progress=False, backend="eager")
 
 
 # --------------------------------------------------------------------------- checkpoint / interrupt
@@ -116,24 +116,24 @@ class InterruptingReader(CountingReader):
 
 def test_interrupt_then_resume_gives_identical_total(model, tmp_path):
     img = np.random.default_rng(5).integers(0, 256, (150, 170, 3), dtype=np.uint8)
-    ref = count_slide(img, model, tile=32, mask=None, progress=False, batch_size=2)
+    ref = count_slide(img, model, tile=32, mask=None, progress=False, backend="eager", batch_size=2)
     ck = tmp_path / "run.ckpt.npz"
     with pytest.raises(KeyboardInterrupt):
-        count_slide(InterruptingReader(open_reader(img), after=9), model, tile=32, mask=None, progress=False,
+        count_slide(InterruptingReader(open_reader(img), after=9), model, tile=32, mask=None, progress=False, backend="eager",
                     batch_size=2, checkpoint=ck, workers=1, queue_depth=1)
     assert ck.exists() and not list(tmp_path.glob("*.tmp*"))
     with np.load(ck) as z:
         n_done, n_batches = int(z["done"].sum()), len(z["done"])
     assert 0 < n_done < n_batches
     r = CountingReader(open_reader(img))
-    res = count_slide(r, model, tile=32, mask=None, progress=False, batch_size=2, checkpoint=ck)
+    res = count_slide(r, model, tile=32, mask=None, progress=False, backend="eager", batch_size=2, checkpoint=ck)
     assert res.total == ref.total  # identical, not just close
     np.testing.assert_allclose(res.density, ref.density, rtol=1e-12, atol=1e-12)
     assert n_done <= res.stats["tiles_resumed"] <= 2 * n_done
     assert len(r.reads) == res.stats["tiles_processed"] == ref.stats["tiles_processed"] - res.stats["tiles_resumed"]
     # A checkpoint of another run is refused, naming what differs.
     with pytest.raises(ValueError, match="checkpoint .* different run .*tile"):
-        count_slide(img, model, tile=48, mask=None, progress=False, batch_size=2, checkpoint=ck)
+        count_slide(img, model, tile=48, mask=None, progress=False, backend="eager", batch_size=2, checkpoint=ck)
 
 
 def test_reader_error_mid_run_propagates_cleanly(model):
@@ -145,14 +145,14 @@ def test_reader_error_mid_run_propagates_cleanly(model):
 
     img = np.zeros((100, 100, 3), np.uint8)
     with pytest.raises(ValueError, match="disk on fire"):
-        count_slide(Broken(open_reader(img)), model, tile=32, mask=None, progress=False)
+        count_slide(Broken(open_reader(img)), model, tile=32, mask=None, progress=False, backend="eager")
 
 
 # --------------------------------------------------------------------------- exports
 
 
 def test_exports(model, synth_slide, tmp_path):
-    res = count_slide(synth_slide["path"], model, tile=256, progress=False)
+    res = count_slide(synth_slide["path"], model, tile=256, progress=False, backend="eager")
     png = res.save_heatmap(tmp_path / "h.png")
     from PIL import Image
 
@@ -186,7 +186,7 @@ def test_large_slide_bounded_memory_background_skipped(model, tmp_path):
 
     reset_peak_rss()
     before = peak_rss_mb()
-    res = count_slide(info["path"], model, tile=512, progress=False)
+    res = count_slide(info["path"], model, tile=512, progress=False, backend="eager")
     st = res.stats
     assert st["tiles_skipped"] >= 0.97 * st["tiles_total"], st
     assert st["tiles_processed"] >= 1
@@ -208,10 +208,11 @@ def _cli(*args, cwd=None):
 def test_cli_count_slide_and_image(model, tmp_path):
     w = save_model(model, tmp_path / "w.safetensors")
     r = _cli("count", SLIDES / "boxes.tiff", "--weights", w, "--tile", 64, "--json", "--quiet", "--mask", "none",
+             "--backend", "eager",
              "--heatmap", tmp_path / "h.png", "--geojson", tmp_path / "g.geojson")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    ref = count_slide(SLIDES / "boxes.png", model, tile=64, mask=None, progress=False)
+    ref = count_slide(SLIDES / "boxes.png", model, tile=64, mask=None, progress=False, backend="eager")
     assert out["total"] == pytest.approx(ref.total, rel=1e-6)
     assert (tmp_path / "h.png").is_file() and (tmp_path / "g.geojson").is_file()
     r = _cli("count", SLIDES / "unopenable.tiff", "--weights", w, "--quiet")
@@ -267,7 +268,7 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
 
 def test_geojson_keeps_every_count_with_small_cells(model):
     img = np.random.default_rng(9).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    res = count_slide(img, model, tile=32, cell=3, mask=None, progress=False)
+    res = count_slide(img, model, tile=32, cell=3, mask=None, progress=False, backend="eager")
     gj = res.to_geojson(min_count=-np.inf)
     assert len(gj["features"]) == res.density.size
     assert sum(f["properties"]["measurements"]["Count"] for f in gj["features"]) == pytest.approx(res.total)

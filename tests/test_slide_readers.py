@@ -66,38 +66,38 @@ def test_svs_through_tifffile_too(model):
 
 
 def test_level_and_mpp_selection(model):
-    res = count_slide(SLIDES / "boxes.tiff", model, level=2, tile=32, mask=None, progress=False)
+    res = count_slide(SLIDES / "boxes.tiff", model, level=2, tile=32, mask=None, progress=False, backend="eager")
     assert res.level == 2 and res.shape == (62, 75) and res.downsample == pytest.approx(4.0, rel=0.01)
-    res = count_slide(SLIDES / "boxes.tiff", model, mpp=352.8 * 2, tile=32, mask=None, progress=False)
+    res = count_slide(SLIDES / "boxes.tiff", model, mpp=352.8 * 2, tile=32, mask=None, progress=False, backend="eager")
     assert res.level == 1
     with pytest.raises(ValueError, match="level must be in 0..3"):
-        count_slide(SLIDES / "boxes.tiff", model, level=4, progress=False)
+        count_slide(SLIDES / "boxes.tiff", model, level=4, progress=False, backend="eager")
     with pytest.raises(ValueError, match="does not record its microns per pixel"):
-        count_slide(np.zeros((8, 8, 3), np.uint8), model, mpp=0.5, progress=False)
+        count_slide(np.zeros((8, 8, 3), np.uint8), model, mpp=0.5, progress=False, backend="eager")
 
 
 def test_unreadable_svs_names_the_file(model):
     for mask in ("auto", None):
         with pytest.raises(SlideReadError, match="unreadable.svs.*Bogus marker length"):
-            count_slide(SLIDES / "unreadable.svs", model, mask=mask, progress=False)
+            count_slide(SLIDES / "unreadable.svs", model, mask=mask, progress=False, backend="eager")
 
 
 def test_unopenable_tiff_names_the_file_and_both_readers(model):
     with pytest.raises(SlideReadError, match=r"unopenable\.tiff.*tifffile.*OpenSlide.*52479"):
-        count_slide(SLIDES / "unopenable.tiff", model, progress=False)
+        count_slide(SLIDES / "unopenable.tiff", model, progress=False, backend="eager")
 
 
 def test_missing_and_unsupported_files(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.svs"):
-        count_slide(tmp_path / "nope.svs", model, progress=False)
+        count_slide(tmp_path / "nope.svs", model, progress=False, backend="eager")
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
     with pytest.raises(SlideReadError, match="junk.png"):
-        count_slide(junk, model, progress=False)
+        count_slide(junk, model, progress=False, backend="eager")
     with pytest.raises(SlideReadError, match="directory"):
-        count_slide(tmp_path, model, progress=False)
+        count_slide(tmp_path, model, progress=False, backend="eager")
     with pytest.raises(TypeError, match="source must be a path"):
-        count_slide(12, model, progress=False)
+        count_slide(12, model, progress=False, backend="eager")
 
 
 def test_conversions():
@@ -119,15 +119,15 @@ def test_conversions():
 
 def test_bad_arrays(model):
     with pytest.raises(ValueError, match="empty"):
-        count_slide(np.zeros((0, 5, 3), np.uint8), model, progress=False)
+        count_slide(np.zeros((0, 5, 3), np.uint8), model, progress=False, backend="eager")
     with pytest.raises(ValueError, match="1, 3 or 4 channels"):
-        count_slide(np.zeros((5, 5, 2), np.uint8), model, progress=False)
+        count_slide(np.zeros((5, 5, 2), np.uint8), model, progress=False, backend="eager")
     with pytest.raises(TypeError, match="dtype bool"):
-        count_slide(np.zeros((5, 5), bool), model, progress=False)
+        count_slide(np.zeros((5, 5), bool), model, progress=False, backend="eager")
     with pytest.raises(ValueError, match="HxW or HxWxC"):
-        count_slide(np.zeros((5, 5, 3, 1), np.uint8), model, progress=False)
+        count_slide(np.zeros((5, 5, 3, 1), np.uint8), model, progress=False, backend="eager")
     with pytest.raises(TypeError, match="numpy"):
-        count_slide(torch.zeros(3, 5, 5), model, progress=False)
+        count_slide(torch.zeros(3, 5, 5), model, progress=False, backend="eager")
 
 
 def test_16bit_rgba_file_and_array(model, tmp_path):
@@ -185,4 +185,4 @@ def test_ome_tiff_pyramid_with_mpp(model, tmp_path):
     ref, scale = whole(model, full)
     res = count_slide(path, model, mpp=0.25, tile=48, mask=None, progress=False, backend="eager")
     assert res.level == 0 and abs(res.total - ref) <= 1e-5 * scale
-    assert count_slide(path, model, mpp=0.5, tile=48, mask=None, progress=False).level == 1
+    assert count_slide(path, model, mpp=0.5, tile=48, mask=None, progress=False, backend="eager").level == 1
