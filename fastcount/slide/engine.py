@@ -271,6 +271,8 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
             a low-resolution level, brightfield or fluorescence), or a 2-D
             boolean array at any resolution with the image's aspect ratio.
             Tiles whose whole input box is masked out count 0 and are never read.
+            The thumbnail comes from a coarser pyramid level; a source without
+            one is read once in bounded strips (numpy arrays are subsampled).
         workers: reader threads (default min(4, CPUs)).
         progress: show a tqdm bar (tiles/s, ETA).
         cell: density block side in count-map pixels (default r/s, coarser on huge slides).
