@@ -158,9 +158,13 @@ class SlideCount:
         ys = np.clip(ys.astype(np.int64), 0, self.density.shape[0] - 1)
         xs = np.clip(xs.astype(np.int64), 0, self.density.shape[1] - 1)
         d = self.density[ys[:, None], xs[None, :]]
-        vmax = float(np.percentile(self.density, 99.5)) if self.density.size else 0.0
-        vmax = vmax if vmax > 0 else max(float(self.density.max(initial=0.0)), 1e-12)
-        col = colormap(d / vmax).astype(np.float64)
+        # Robust range; it includes 0 (skipped background) and negative values (an untrained
+        # or poorly fitting model can predict them) so nothing is silently clipped to a colour.
+        lo, hi = (np.percentile(self.density, [0.5, 99.5]) if self.density.size else (0.0, 0.0))
+        vmin, vmax = min(float(lo), 0.0), max(float(hi), 0.0)
+        if vmax - vmin <= 0:
+            vmax = vmin + 1e-12
+        col = colormap((d - vmin) / (vmax - vmin)).astype(np.float64)
         out = np.round((1 - alpha) * base + alpha * col).clip(0, 255).astype(np.uint8)
 
         # Colour bar on the right, drawn by hand (matplotlib is not a dependency).
@@ -173,7 +177,7 @@ class SlideCount:
         canvas.paste(Image.fromarray(ramp), (tw + pad, 2))
         draw = ImageDraw.Draw(canvas)
         for k in range(5):
-            v = vmax * (1 - k / 4)
+            v = vmax - (vmax - vmin) * k / 4
             yy = 2 + int(round(k / 4 * (bar_h - 1)))
             draw.line([(tw + pad + bar_w, yy), (tw + pad + bar_w + 4, yy)], fill=(0, 0, 0))
             draw.text((tw + pad + bar_w + 6, max(0, yy - 6)), _fmt(v), fill=(0, 0, 0))
