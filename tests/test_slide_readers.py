@@ -44,7 +44,7 @@ def test_boxes_tiff_both_readers_agree_with_png():
     t.close(), o.close()
 
 
-@pytest.mark.parametrize("name", ["small.svs", "boxes_0.dcm", "boxes.tiff"])
+@pytest.mark.parametrize("name", ["small.svs", "boxes_0.dcm", "boxes_1.dcm", "boxes.tiff"])
 def test_fixture_slides_count_exactly(model, name):
     r = open_reader(SLIDES / name)
     h, w = r.level_shapes[0]
