@@ -8,8 +8,9 @@ the redundancy, so it equals ``redundant_count(model(whole image))`` up to
 float rounding and does not depend on how the work was scheduled.
 
 Worker threads read and decode the next batches while the backend computes;
-at most ``queue_depth`` batches are in flight, so host memory is bounded by
-tile x batch x queue depth, whatever the slide size.
+at most ``queue_depth`` batches are being read ahead, plus the one uploaded and
+the one computing, so host memory is bounded by tile x batch x (queue depth + 2)
+(plus the model's activations on one batch), whatever the slide size.
 """
 from __future__ import annotations
 
