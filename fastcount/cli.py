@@ -147,7 +147,10 @@ def cmd_count(args):
     if mask == "none":
         mask = None
     elif mask != "auto":
-        mask = read_image(mask).max(axis=2) > 0
+        try:
+            mask = read_image(mask).max(axis=2) > 0
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--mask must be 'auto', 'none' or a mask image: {e}") from e
     res = count_slide(args.path, args.weights, level=args.level, mpp=args.mpp, mask=mask,
                       checkpoint=args.checkpoint, **_count_kwargs(args))
     if args.heatmap:
@@ -161,7 +164,7 @@ def cmd_count(args):
         h, w = res.shape
         print(f"{args.path}: {res.total:.1f} objects ({w}x{h} px at level {res.level}; "
               f"{st['tiles_processed']} tiles counted, {st['tiles_skipped']} skipped as background; "
-              f"{st['seconds']:.1f}s, {st['megapixels_per_s']:.2f} Mpx/s, peak RSS {st['peak_rss_mb']:.0f} MiB)")
+              f"{st['seconds']:.1f}s, {st['megapixels_per_s']:.3g} Mpx/s, peak RSS {st['peak_rss_mb']:.0f} MiB)")
     return 0
 
 
