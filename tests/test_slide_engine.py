@@ -215,6 +215,18 @@ def test_cli_count_slide_and_image(model, tmp_path):
     ref = count_slide(SLIDES / "boxes.png", model, tile=64, mask=None, progress=False, backend="eager")
     assert out["total"] == pytest.approx(ref.total, rel=1e-6)
     assert (tmp_path / "h.png").is_file() and (tmp_path / "g.geojson").is_file()
+    from PIL import Image
+
+    m = np.zeros((25, 30), np.uint8)
+    m[:, :10] = 255  # count the left third only
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    r = _cli("count", SLIDES / "boxes.png", "--weights", w, "--tile", 64, "--quiet", "--backend", "eager",
+             "--mask", tmp_path / "mask.png")
+    assert r.returncode == 0 and "skipped as background" in r.stdout, r.stderr
+    ref = count_slide(SLIDES / "boxes.png", model, tile=64, mask=m > 0, progress=False, backend="eager")
+    assert f"{ref.total:.1f} objects" in r.stdout and ref.stats["tiles_skipped"] > 0
+    r = _cli("count", SLIDES / "boxes.png", "--weights", w, "--quiet", "--mask", tmp_path / "nomask.png")
+    assert r.returncode == 2 and "--mask" in r.stderr
     r = _cli("count", SLIDES / "unopenable.tiff", "--weights", w, "--quiet")
     assert r.returncode == 2 and "unopenable.tiff" in r.stderr and "Traceback" not in r.stderr
     r = _cli("count", SLIDES / "boxes.tiff", "--weights", w, "--tile", 4, "--quiet")
