@@ -1,13 +1,16 @@
 """Per-layer time of the CPU fast path next to eager PyTorch, interleaved in one process.
 
-    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--precision fp32] [--fft-sizes]
+    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--fft-sizes]
+    python benchmarks/cpu_layers.py --count-error 20 [--weights model.safetensors]
 
 For every layer of CountCeption it times, on the same input, the eager module
 (NCHW fp32, BN and activation as separate ops) and the fastcount cpu op
 (fp32 and bf16), alternating rounds so that load from other processes hits
 both alike; it prints the median of each and the ratio. With ``--fft-sizes``
 it also times both large convs at every candidate FFT size next to the cost
-model's choice.
+model's choice. ``--count-error N`` instead reports, over the last N VGG cell
+images (the reference test set), |count(cpu fp32 / bf16) - count(eager fp32)|
+per 256x256 image for the given weights (default: a random-init model).
 """
 from __future__ import annotations
 
@@ -56,7 +59,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--fft-sizes", action="store_true", help="also sweep the FFT size of the large convs")
+    ap.add_argument("--count-error", type=int, default=0, metavar="N", help="count error on N VGG test images")
+    ap.add_argument("--weights", default=None, help="safetensors weights for --count-error")
     args = ap.parse_args(argv)
+    if args.count_error:
+        return count_error(args.count_error, args.weights)
 
     torch.manual_seed(0)
     model = CountCeption(width=args.width).eval()
@@ -121,6 +128,40 @@ def main(argv=None):
                 tt = statistics.median(_time(lambda z: op.fft(z, t), xin) for _ in range(args.rounds))
                 model_s = fft_cost(c, op.fft.out_channels, k, h - k + 1, w - k + 1, t, n)
                 print(f"  T={t:4d} {tt * 1e3:8.1f} ms   model {model_s * 1e3:8.1f}{'  <- chosen' if t == chosen else ''}")
+
+
+def count_error(n_images: int, weights=None):
+    from pathlib import Path
+
+    import numpy as np
+
+    from fastcount.data import load_dataset
+    from fastcount.inference import compile as fc_compile
+    from fastcount.io import load_model
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    ds = load_dataset("vgg_cells", root)
+    if weights:
+        model = load_model(weights)
+    else:
+        torch.manual_seed(0)
+        model = CountCeption().eval()
+    fast = {p: fc_compile(model, backend="cpu", precision=p) for p in (["fp32", "bf16"] if bf16_supported() else ["fp32"])}
+    errs = {p: [] for p in fast}
+    counts, truth = [], []
+    for i in range(len(ds) - n_images, len(ds)):
+        img, dots = ds[i]
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        with torch.inference_mode():
+            ref = float(model(x).double().sum()) / model.geometry.redundancy
+        counts.append(ref)
+        truth.append(float(dots.sum()))
+        for p, be in fast.items():
+            errs[p].append(abs(float(be(x).double().sum()) / model.geometry.redundancy - ref))
+    print(f"weights {weights or 'random init'}; {n_images} VGG test images (256x256); eager fp32 count "
+          f"mean {np.mean(counts):.2f} (truth mean {np.mean(truth):.2f}, MAE {np.mean(np.abs(np.array(counts) - truth)):.2f})")
+    for p, e in errs.items():
+        print(f"  cpu {p}: |count - eager fp32 count| mean {np.mean(e):.5f}, max {np.max(e):.5f}")
 
 
 def _run_layers(model, start, x):
