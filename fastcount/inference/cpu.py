@@ -17,9 +17,10 @@ What runs where (activations NHWC / channels_last throughout):
 - the 1x1 head: a chain of matmuls with bias + LeakyReLU, on the stride-s
   subsampled map (1x1 convs commute with subsampling).
 
-BatchNorm is folded (in float64) into every conv. bf16 runs the convolutions
-in bfloat16 (fp32 accumulation in oneDNN) and every FFT in fp32; the count
-map is returned as float32 like ``model(x)``.
+BatchNorm is folded (in float64) into every conv. bf16 runs the Inception
+blocks and large convs in bfloat16 (fp32 accumulation in oneDNN), every FFT,
+the first conv and the 1x1 head in fp32 (cheap, and they set the count's
+bias); the count map is returned as float32 like ``model(x)``.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class _Conv:
     """One oneDNN conv + bias + fused LeakyReLU on channels_last tensors."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, padding: int, slope: float, dtype):
+        self.in_dtype = dtype
         self.weight = _nhwc(weight.to(dtype))
         self.bias = bias.to(dtype).contiguous()
         self.padding = [padding, padding]
@@ -227,8 +229,12 @@ class CPUBackend:
             else:
                 if layer.stride != 1:
                     raise ValueError(f"only the final 1x1 conv may have a stride, got {layer}")
-                self.ops.append(_Conv(layer.weight, layer.bias, layer.padding, layer.slope, dtype))
-        self.head = _Head(head, dtype) if head else None
+                # bf16 keeps the first conv (3 input channels, cheap) in fp32: rounding its
+                # weights to bf16 shifts every pixel of the map the same way, a count bias
+                # that does not average out (measured: 4x larger count error).
+                self.ops.append(_Conv(layer.weight, layer.bias, layer.padding, layer.slope, torch.float32))
+        # The head is cheap too (1x1 convs on <= 64 channels); fp32 keeps the count sum exact-ish.
+        self.head = _Head(head, torch.float32) if head else None
         self.choice = _Choice(precision, tuple(merged), tuple(larges), fft_size)
 
     def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
@@ -271,14 +277,15 @@ class CPUBackend:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # .to / contiguous copy (never in place), so the caller's tensor is untouched.
-        y = _nhwc(x.to(self.dtype))
+        y = _nhwc(x.to(torch.float32))
         for op in self.ops:
             if isinstance(op, _Large):
-                y = op(y)
+                y = op(y if op.method == "fft" or y.dtype == self.dtype else y.to(self.dtype))
                 if op.method == "fft" and op is not self._last_large():
                     y = _nhwc(y.to(self.dtype))
             else:
-                y = op(y if y.dtype == self.dtype else y.to(self.dtype))
+                want = getattr(op, "in_dtype", self.dtype)
+                y = op(y if y.dtype == want else y.to(want))
         if self.head is None:
             return y.float().contiguous()
         return self.head(y)
