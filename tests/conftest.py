@@ -51,3 +51,13 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.fail(f"../shared not found at {SHARED}: tests need the project's shared data")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the CI machine's 2 cores are shared, and tiny-model
+    tests lose more to thread spin-waits than they gain from a second core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

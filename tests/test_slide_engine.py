@@ -13,12 +13,7 @@ from fastcount.data.synth import write_synthetic_slide
 from fastcount.slide import SlideReader, auto_mask, open_reader
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from fastcount import CountCeption, count_slide, redundant_count
 from fastcount.slide import MIN_TILE, plan_tiles
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI machine's 2 cores are shared: one intra-op thread avoids spin-wait slowdowns.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS = {}
