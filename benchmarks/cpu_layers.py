@@ -86,7 +86,7 @@ def main(argv=None):
             if isinstance(prev, _Large) and prev.method == "fft":
                 return op, ins[i].contiguous()
             return op, ins[i].to(dt).contiguous(memory_format=torch.channels_last)
-        return op, ins[i].to(dt).contiguous(memory_format=torch.channels_last)
+        return op, ins[i].to(getattr(op, "in_dtype", dt)).contiguous(memory_format=torch.channels_last)
 
     n_body = len(backends["fp32"].ops)
     rows = []
