@@ -152,3 +152,13 @@ def test_training_with_fft_matches_plain_training():
     assert args.fft is True
     with pytest.raises(ValueError, match="fft must be a bool"):
         train(ds, cfg, progress=False, fft="yes")
+
+
+def test_spectral_conv_cache_is_bounded():
+    x, wt, b = _data(1, 3, 2, 5, 20, 20, seed=5)
+    sc = SpectralConv(wt, b, 0.01)
+    xh = x.permute(0, 2, 3, 1).contiguous()
+    ref = F.leaky_relu(F.conv2d(x, wt, b), 0.01)
+    for t in (8, 9, 10, 12, 15, 8):
+        assert rel_err(sc(xh, t), ref) < 1e-5
+    assert list(sc._spectra) == [10, 12, 15, 8][-SpectralConv.MAX_CACHED:]

@@ -257,6 +257,8 @@ class SpectralConv:
     pass only applies the LeakyReLU while cropping tiles into place.
     """
 
+    MAX_CACHED = 3
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, slope: float, fft_size: int | None = None):
         if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
             raise ValueError(f"weight must be (O, C, k, k), got {tuple(weight.shape)}")
@@ -269,13 +271,19 @@ class SpectralConv:
         self._lock = threading.Lock()
 
     def spectrum(self, t: int) -> torch.Tensor:
-        """Cached (F, 2C, 2O) float32 real-block weight spectrum for FFT size ``t``."""
-        s = self._spectra.get(t)
-        if s is None:
-            with self._lock:
-                s = self._spectra.get(t)
-                if s is None:
-                    s = self._spectra[t] = self._make_spectrum(t)
+        """Cached (F, 2C, 2O) float32 real-block weight spectrum for FFT size ``t``.
+
+        At most ``MAX_CACHED`` sizes are kept (least recently used dropped): a
+        spectrum can take a few hundred MB, and inputs of many shapes would
+        otherwise accumulate one per FFT size.
+        """
+        with self._lock:
+            s = self._spectra.pop(t, None)
+            if s is None:
+                s = self._make_spectrum(t)
+            self._spectra[t] = s  # re-insert: dict order is the recency order
+            while len(self._spectra) > self.MAX_CACHED:
+                self._spectra.pop(next(iter(self._spectra)))
         return s
 
     def _make_spectrum(self, t: int) -> torch.Tensor:
