@@ -78,12 +78,29 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+# oneDNN weight prepacking (as inductor's freezing does): saves the per-call weight reorder
+# (~5-10% on the 18x18 bf16 conv). The packed layout is chosen for a nominal input size;
+# oneDNN reorders again if another size prefers another layout, so any size stays correct.
+_PREPACK = True
+_NOMINAL_SIDE = 320
+
+
+def _prepack(w: torch.Tensor, padding: int) -> torch.Tensor:
+    if not _PREPACK:
+        return w
+    try:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            w, [padding, padding], [1, 1], [1, 1], 1, [1, w.shape[1], _NOMINAL_SIDE, _NOMINAL_SIDE])
+    except (AttributeError, RuntimeError):  # op missing or layout unsupported: dense weights work too
+        return w
+
+
 class _Conv:
     """One oneDNN conv + bias + fused LeakyReLU on channels_last tensors."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, padding: int, slope: float, dtype):
         self.in_dtype = dtype
-        self.weight = _nhwc(weight.to(dtype))
+        self.weight = _prepack(_nhwc(weight.to(dtype)), padding)
         self.bias = bias.to(dtype).contiguous()
         self.padding = [padding, padding]
         self.slope = slope
