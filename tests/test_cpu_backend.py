@@ -154,3 +154,12 @@ def test_weights_are_frozen_at_build():
         for p in model.parameters():
             p.add_(1.0)
     assert torch.equal(be(x), y0)  # the plan is a snapshot, like every compiled backend
+
+
+def test_fft_sizes_report_and_override():
+    model = _model(9)
+    auto = build(model)
+    sizes = auto.fft_sizes(256, 256)
+    assert len(sizes) == 2 and sizes[0] > 14 and sizes[1] > 18
+    assert build(model, fft_size=(30, 40)).fft_sizes(256, 256) == [30, 40]
+    assert build(model, precision="fp32", large="direct").fft_sizes(256, 256) == []

@@ -133,7 +133,7 @@ class _Large:
     """A large valid conv: FFT overlap-save (fp32) or direct oneDNN conv."""
 
     def __init__(self, layer: FoldedConv, dtype, method: str, fft_size):
-        self.method, self.dtype = method, dtype
+        self.method, self.dtype, self.kernel = method, dtype, layer.kernel
         if method == "fft":
             self.fft = SpectralConv(layer.weight, layer.bias, layer.slope, fft_size)
         else:
@@ -164,7 +164,8 @@ class _Head:
         if s > 1:
             x = x[:, :, ::s, ::s]
         n, c, h, w = x.shape
-        if x.is_contiguous():  # NCHW: out (O, HW) = W (O, C) @ x (C, HW) per image
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            # NCHW (the FFT's output, maybe a cropped view): out (O, HW) = W (O, C) @ x (C, HW) per image
             outs = []
             for i in range(n):
                 z = x[i].reshape(c, h * w).to(self.dtype)
@@ -261,7 +262,7 @@ class CPUBackend:
         h, w = h + 2 * pad - 2, w + 2 * pad - 2
         for op in self.ops:
             if isinstance(op, _Large):
-                k = op.fft.kernel if op.method == "fft" else op.conv.weight.shape[-1]
+                k = op.kernel
                 if op.method == "fft":
                     out.append(op.fft.size_for(batch, h, w))
                 h, w = h - k + 1, w - k + 1
