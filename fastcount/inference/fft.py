@@ -15,7 +15,7 @@ The cost is a few FFT passes plus one batched matmul per frequency, instead of
   ``torch.fft``), the reference-compatible form used in training and tests.
 - :class:`FFTConv2d`: an ``nn.Conv2d`` stand-in (same parameter names) built on it.
 - :func:`use_fft_convs`: swap a CountCeption's two large convs to/from FFTConv2d.
-- :class:`SpectralConv`: the inference form (NHWC in/out, weight spectra cached
+- :class:`SpectralConv`: the inference form (NHWC in, NCHW out, weight spectra cached
   per FFT size, bias folded into the DC term, LeakyReLU in the output pass).
 """
 from __future__ import annotations
@@ -248,11 +248,12 @@ def use_fft_convs(model, enabled: bool = True, fft_size: int | None = None):
 
 
 class SpectralConv:
-    """Inference form of one large valid conv + bias + LeakyReLU, NHWC in and out.
+    """Inference form of one large valid conv + bias + LeakyReLU, NHWC in, NCHW out.
 
     Weight spectra are computed once per FFT size (in float64, stored as the
-    real 2x2-block form of conj(K) so the channel mixing is one real batched
-    GEMM: [xr xi] @ [[kr, ki], [-ki, kr]] = [yr yi]) and cached. The bias is
+    real 2x2-block form of conj(K) so the channel mixing is real batched
+    GEMMs: xr @ [kr ki] + xi @ [-ki kr] = [yr yi], interleaved) and cached
+    (bounded LRU). The bias is
     added to the DC coefficient (``irfft2`` divides it by T*T), so the output
     pass only applies the LeakyReLU while cropping tiles into place.
     """
