@@ -91,3 +91,21 @@ def test_public_api_names():
     for name in ["CountCeption", "count_image", "make_targets", "make_targets_from_points",
                  "redundant_count", "save_model", "load_model", "geometry"]:
         assert hasattr(fastcount, name)
+
+
+def test_packaged_weights_count_vgg_test_images_within_recorded_mae():
+    """When default weights ship, their recorded test MAE must hold on VGG test images."""
+    if not default_weights_path().is_file():
+        with pytest.raises(FileNotFoundError, match="no packaged default weights"):
+            load_model()
+        return
+    from conftest import DATASETS
+    from fastcount.data import load_dataset
+
+    m = load_model()
+    mae = float(json.loads(m.metadata["test_mae"]))
+    ds = load_dataset("vgg_cells", DATASETS)
+    idx = list(range(190, 200))  # the last 10 of the held-out test set
+    errs = [abs(count_image(ds[i][0], m) - float(ds[i][1].sum())) for i in idx]
+    # 10 images scatter around the 100-image MAE: allow 2x plus a small absolute slack
+    assert float(np.mean(errs)) <= 2 * mae + 1.0, (errs, mae)
