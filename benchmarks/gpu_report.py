@@ -43,6 +43,8 @@ from fastcount.inference.triton import build  # noqa: E402
 from fastcount.model import Inception  # noqa: E402
 
 # Dense peak TFLOP/s by device-name substring (vendor datasheets, SXM parts).
+from fastcount.testing import randomize_bn  # noqa: E402
+
 PEAKS = {
     "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
@@ -50,17 +52,6 @@ PEAKS = {
 }
 
 
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 5)
-                m.running_var.copy_(0.5 + 20 * torch.rand(n, generator=g))
-    return model
 
 
 def peaks_for(device: torch.device, override: float | None):

@@ -13,6 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# after TRITON_INTERPRET is decided: importing fastcount may import triton
+from fastcount.testing import randomize_bn  # noqa: F401  (re-exported for tests)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATASETS = SHARED / "datasets"
 SLIDES = SHARED / "fixtures" / "slides"
@@ -25,19 +28,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason elsewhere)")
 
 
-def randomize_bn(model, seed=0):
-    """Give every BatchNorm random affine parameters and running statistics, so
-    folding and fused epilogues are tested on non-trivial values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 5)
-                m.running_var.copy_(0.5 + 20 * torch.rand(n, generator=g))
-    return model
 
 
 def rel_err(a, b):
