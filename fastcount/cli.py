@@ -29,6 +29,10 @@ def _add_train_args(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: anneal lr to 1%% of --lr over the run")
+    p.add_argument("--bn-recal", type=int, default=0, metavar="N",
+                   help="re-estimate BN statistics on N full training images before each validation")
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
 
@@ -101,7 +105,8 @@ def _config(args):
 
     return TrainConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, crop=args.crop, width=args.width,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, stride=args.stride,
-                       augment=not args.no_augment, device=args.device, fft=args.fft)
+                       augment=not args.no_augment, device=args.device, fft=args.fft,
+                       lr_schedule=args.lr_schedule, bn_recal=args.bn_recal)
 
 
 def cmd_train(args):

@@ -31,7 +31,7 @@ from .io import save_model
 from .model import CountCeption
 from .ops import make_targets, redundant_count
 
-__all__ = ["TrainConfig", "TrainResult", "split_indices", "train", "evaluate", "predict_counts", "run_protocol"]
+__all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "train", "evaluate", "predict_counts", "run_protocol"]
 
 
 @dataclass
@@ -50,6 +50,13 @@ class TrainConfig:
     device: str = "cpu"
     # CPU speed-up (issue 6): run the two large convs by FFT (same math and parameters).
     fft: bool = False
+    # "cosine" anneals lr to 1% of ``lr`` over the run; late epochs then change the weights
+    # little, so the BN running statistics (and the validation MAE) settle.
+    lr_schedule: str = "constant"
+    # Before each validation, re-estimate the BN statistics on up to this many full training
+    # images (train-mode forward, no gradient). Training sees small crops whose statistics
+    # (more zero padding, noisy batch-of-4 EMA) differ from full images at test time.
+    bn_recal: int = 0
 
     def check(self):
         for name in ("n_train", "epochs", "batch_size"):
@@ -64,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.fft, bool):
             raise ValueError(f"fft must be a bool, got {self.fft!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not isinstance(self.bn_recal, int) or self.bn_recal < 0:
+            raise ValueError(f"bn_recal must be a non-negative int, got {self.bn_recal!r}")
 
 
 @dataclass
@@ -99,12 +110,22 @@ def _to_tensor_image(img: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 4) -> np.ndarray:
-    """Counts for a list of HxWx3 images (batched when shapes agree)."""
+def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 4, backend: str = "eager") -> np.ndarray:
+    """Counts for a list of HxWx3 images (batched when shapes agree).
+
+    ``backend`` as in ``fastcount.inference.compile`` (fp32): "eager" is the reference,
+    "auto" the fast path (CPU: about 3.5x faster, map relative error ~1e-5).
+    """
     device = _resolve_device(device)
     was = model.training
     model.eval()
     out = []
+    if backend != "eager":
+        from .inference import compile as compile_backend
+
+        run = compile_backend(model, backend, device=device)
+    else:
+        run = model
     try:
         i = 0
         while i < len(images):
@@ -112,7 +133,7 @@ def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 
             while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
                 j += 1
             x = torch.stack([_to_tensor_image(im) for im in images[i:j]]).to(device)
-            c = redundant_count(model(x), model.patch_size, model.stride)
+            c = redundant_count(run(x), model.patch_size, model.stride)
             out.extend(c.reshape(-1).cpu().tolist())
             i = j
     finally:
@@ -120,12 +141,13 @@ def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 
     return np.array(out, dtype=np.float64)
 
 
-def evaluate(model: CountCeption, dataset, indices=None, device="cpu", batch_size: int = 4) -> dict:
+def evaluate(model: CountCeption, dataset, indices=None, device="cpu", batch_size: int = 4,
+             backend: str = "eager") -> dict:
     """Count MAE (and more) of ``model`` on ``dataset[indices]`` (all when None)."""
     idx = range(len(dataset)) if indices is None else indices
     images = [dataset[i][0] for i in idx]
     truth = np.array([float(dataset[i][1].sum()) for i in idx])
-    pred = predict_counts(model, images, device, batch_size)
+    pred = predict_counts(model, images, device, batch_size, backend)
     err = pred - truth
     return {
         "mae": float(np.abs(err).mean()) if len(err) else float("nan"),
@@ -164,6 +186,43 @@ def _batch(dataset, idx, cfg: TrainConfig, gen: torch.Generator):
         raise ValueError("training images differ in size; pass crop=C to train on equal-size crops")
     dots = torch.stack(ds)
     return torch.stack(xs), make_targets(dots, cfg.patch_size, cfg.stride).unsqueeze(1)
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)))
+    return cfg.lr
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, images, device="cpu", batch_size: int = 4) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``images``.
+
+    A train-mode forward (no gradient) over the full HxWx3 images, with the BN momentum
+    set to cumulative averaging; weights are untouched. Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not len(images):
+        return 0
+    device = _resolve_device(device)
+    was, momenta = model.training, [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches below
+        model.train()
+        i = 0
+        while i < len(images):
+            j = i + 1
+            while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
+                j += 1
+            model(torch.stack([_to_tensor_image(im) for im in images[i:j]]).to(device))
+            i = j
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was)
+    return len(images)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -254,6 +313,8 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, epoch)
             order = torch.randperm(len(train_idx), generator=gen).tolist()
             losses = []
             for b in range(n_batches):
@@ -267,9 +328,12 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{best_mae:.2f}")
-            val = evaluate(model, dataset, val_idx, device) if val_idx else {"mae": float(np.mean(losses))}
+            if cfg.bn_recal:
+                recalibrate_bn(model, [dataset[i][0] for i in train_idx[: cfg.bn_recal]], device, cfg.batch_size)
+            # Validation only ranks epochs, so it may use the fast path; the test MAE uses eager.
+            val = evaluate(model, dataset, val_idx, device, backend="auto") if val_idx else {"mae": float(np.mean(losses))}
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mae": val["mae"],
-                   "seconds": time.perf_counter() - t0}
+                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             history.append(rec)
             if val["mae"] < best_mae:
                 best_mae, best_epoch = val["mae"], epoch + 1

@@ -84,3 +84,44 @@ def test_cli_train_and_evaluate(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root",
                         str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "dataset folder not found" in r.stderr
+
+
+def test_recalibrate_bn_sets_full_image_statistics():
+    from fastcount import CountCeption
+    from fastcount.train import recalibrate_bn
+
+    torch.manual_seed(3)
+    m = CountCeption(width=0.125).eval()
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (37, 45, 3), dtype=np.uint8) for _ in range(3)]
+    first = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    conv = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d))
+    with torch.no_grad():  # the first BN sees conv1(image); expected stats pooled over all 3 images
+        pre = torch.cat([conv(torch.from_numpy(im).permute(2, 0, 1).float()[None]) for im in images])
+    momentum = first.momentum
+    assert recalibrate_bn(m, images, batch_size=2) == 3
+    var = pre.var((0, 2, 3), unbiased=True)
+    # two batches (2 + 1 images) averaged cumulatively: the mean is the weighted batch mean
+    b1, b2 = pre[:2], pre[2:]
+    exp_mean = (b1.mean((0, 2, 3)) + b2.mean((0, 2, 3))) / 2
+    assert torch.allclose(first.running_mean, exp_mean, rtol=1e-4, atol=1e-4)
+    assert first.momentum == momentum and not m.training  # settings restored
+    assert torch.isfinite(first.running_var).all() and (first.running_var > 0).all()
+    assert var.shape == first.running_var.shape
+
+
+def test_cosine_schedule_and_config_checks(small_vgg):
+    from fastcount.train import _lr_at
+
+    cfg = TrainConfig(epochs=10, lr=1e-2, lr_schedule="cosine")
+    lrs = [_lr_at(cfg, e) for e in range(10)]
+    assert lrs[0] == pytest.approx(1e-2) and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 1e-4
+    assert _lr_at(TrainConfig(lr=3e-3), 7) == 3e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(small_vgg, TrainConfig(lr_schedule="step"), progress=False)
+    with pytest.raises(ValueError, match="bn_recal"):
+        train(small_vgg, TrainConfig(bn_recal=-1), progress=False)
+    res = train(small_vgg, TrainConfig(n_train=2, n_val=1, epochs=2, crop=40, width=0.0625, batch_size=2,
+                                       lr_schedule="cosine", bn_recal=2), progress=False, log=lambda s: None)
+    assert [round(h["lr"], 8) for h in res.history] == [round(_lr_at(res_cfg, e), 8) for e, res_cfg in
+                                                        enumerate([TrainConfig(epochs=2, lr=1e-3, lr_schedule="cosine")] * 2)]
