@@ -27,37 +27,46 @@ __all__ = ["cell_image", "SyntheticSlide", "write_synthetic_slide", "VGG_DENSITY
 # Cells per pixel in the VGG benchmark: 176 per 256x256 image on average.
 VGG_DENSITY = 176 / 256**2
 BLOCK = 256  # generation block side (level-0 px)
-SIGMA = (2.5, 5.0)  # cell radius parameters (px): Gaussian sigma range per axis
-AMP = (90.0, 230.0)  # peak blue intensity above the background
-CHROMA = (0.03, 0.04, 1.0)  # share of the cell signal in R, G, B
-MARGIN = 4.0  # render a cell out to MARGIN sigma
+# Cell shape, matched to the VGG images (mean profile of isolated annotated cells: a
+# flat-topped disc, half maximum about 5 px from the centre, 110-210 above background).
+RADIUS = (3.5, 5.5)  # disc radius (px) along the first axis
+ASPECT = (0.85, 1.15)  # second radius / first
+EDGE = (0.8, 1.4)  # width of the soft (logistic) rim, px
+AMP = (110.0, 210.0)  # plateau blue intensity above the background
+CHROMA = (0.005, 0.005, 1.0)  # share of the cell signal in R, G, B (VGG: almost pure blue)
+REACH = RADIUS[1] * ASPECT[1] + 8 * EDGE[1]  # a cell's signal is negligible beyond this (px)
 
 
 def _cells(rng: np.random.Generator, n: int, y0: float, x0: float, h: float, w: float) -> np.ndarray:
-    """n random cells in the box: rows (cy, cx, sy, sx, theta, amp)."""
+    """n random cells in the box: rows (cy, cx, ry, rx, theta, amp, edge)."""
     cy = y0 + rng.random(n) * h
     cx = x0 + rng.random(n) * w
-    sy = rng.uniform(*SIGMA, n)
-    sx = sy * rng.uniform(0.7, 1.3, n)
+    ry = rng.uniform(*RADIUS, n)
+    rx = ry * rng.uniform(*ASPECT, n)
     th = rng.uniform(0, math.pi, n)
     amp = rng.uniform(*AMP, n)
-    return np.stack([cy, cx, sy, sx, th, amp], axis=1)
+    edge = rng.uniform(*EDGE, n)
+    return np.stack([cy, cx, ry, rx, th, amp, edge], axis=1)
 
 
 def _render_cells(out: np.ndarray, cells: np.ndarray, y0: float, x0: float, d: float = 1.0):
     """Add the cells' blue signal to ``out`` (h, w) float32, whose pixel (i, j) is
     level-0 box [y0 + i d, y0 + (i+1) d) x [x0 + j d, ...).
 
-    At downsample d a cell is drawn with sigma^2/d^2 + 1/12 (the pixel-box
-    blur) and its amplitude scaled to keep its mass, so pyramid levels look
-    like averaged level 0 without rendering level 0.
+    A cell is an elliptical disc with a logistic rim. At downsample d the radii
+    shrink by d, the rim widens by the pixel-box blur (variance 1/12 px^2) and the
+    plateau is scaled to keep the cell's mass (area pi (ry rx + pi^2 e^2 / 3) for
+    rim width e), so pyramid levels look like averaged level 0 without rendering level 0.
     """
     h, w = out.shape
-    for cy, cx, sy, sx, th, amp in cells:
+    for cy, cx, ry, rx, th, amp, edge in cells:
         py, px = (cy - y0) / d - 0.5, (cx - x0) / d - 0.5  # centre in pixel-index coordinates
-        vy, vx = (sy / d) ** 2 + 1 / 12, (sx / d) ** 2 + 1 / 12
-        a = amp * (sy * sx / d**2) / math.sqrt(vy * vx)
-        rad = MARGIN * math.sqrt(max(vy, vx))
+        ay, ax = ry / d, rx / d
+        e = math.sqrt((edge / d) ** 2 + 1 / 12)
+        e0 = math.sqrt(edge**2 + 1 / 12)
+        k = math.pi**2 / 3
+        a = amp * (ry * rx + k * e0 * e0) / d**2 / (ay * ax + k * e * e)
+        rad = max(ay, ax) + 8 * e
         i0, i1 = max(int(math.floor(py - rad)), 0), min(int(math.ceil(py + rad)) + 1, h)
         j0, j1 = max(int(math.floor(px - rad)), 0), min(int(math.ceil(px + rad)) + 1, w)
         if i0 >= i1 or j0 >= j1:
@@ -66,7 +75,10 @@ def _render_cells(out: np.ndarray, cells: np.ndarray, y0: float, x0: float, d: f
         xx = np.arange(j0, j1, dtype=np.float32)[None, :] - px
         c, s = math.cos(th), math.sin(th)
         u, v = c * yy + s * xx, -s * yy + c * xx
-        out[i0:i1, j0:j1] += a * np.exp(-0.5 * (u * u / vy + v * v / vx))
+        # distance inside the rim (px, positive inside), scaled by the mean radius
+        rho = np.sqrt((u / ay) ** 2 + (v / ax) ** 2)
+        inside = (1.0 - rho) * (0.5 * (ay + ax))
+        out[i0:i1, j0:j1] += a / (1.0 + np.exp(-inside / e))
 
 
 def _compose(blue_signal: np.ndarray, background: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -74,14 +86,14 @@ def _compose(blue_signal: np.ndarray, background: np.ndarray, rng: np.random.Gen
     h, w = blue_signal.shape
     img = np.empty((h, w, 3), dtype=np.float32)
     for ch in range(3):
-        img[:, :, ch] = blue_signal * CHROMA[ch] + background * (1.0 if ch == 2 else 0.05)
+        img[:, :, ch] = blue_signal * CHROMA[ch] + background * (1.0 if ch == 2 else 0.01)
         if noise > 0:
             img[:, :, ch] += rng.normal(0, noise * (1.0 if ch == 2 else 0.5), (h, w)).astype(np.float32)
     return np.round(img).clip(0, 255).astype(np.uint8)
 
 
 def cell_image(size=256, n_cells: int | None = None, seed=None, noise: float = 2.0,
-               background: float = 24.0) -> tuple[np.ndarray, np.ndarray]:
+               background: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic fluorescence image and its dot map.
 
     Args:
@@ -136,7 +148,7 @@ class SyntheticSlide:
     density: float = VGG_DENSITY
     background: float = 2.0
     background_noise: float = 1.0
-    tissue_level: float = 22.0
+    tissue_level: float = 60.0
     noise: float = 2.0
 
     def __post_init__(self):
@@ -185,7 +197,7 @@ class SyntheticSlide:
         Y0, X0, Y1, X1 = y0 * d, x0 * d, (y0 + h) * d, (x0 + w) * d  # level-0 box
         rng = np.random.default_rng([self.seed, 7, d, y0, x0])
         sig = np.zeros((h, w), dtype=np.float32)
-        m = MARGIN * SIGMA[1] * 1.3 + 1
+        m = REACH + 1
         if not self._touches_tissue(Y0 - m, X0 - m, Y1 + m, X1 + m):
             bg = np.full((h, w), self.background, dtype=np.float32)
             return _compose(sig, bg, rng, self.background_noise / d)
