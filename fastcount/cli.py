@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if present")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the learning curves here (needs matplotlib)")
 
     p = sub.add_parser("evaluate", help="test MAE on the reference test set, or the whole protocol")
     _add_data_args(p)
@@ -118,6 +119,11 @@ def cmd_train(args):
     test = evaluate(res.model, ds, res.split["test"], args.device)
     print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
           f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
+    if args.plot:
+        from .plots import plot_learning_curves
+
+        name = f"{ds.name} N={args.n_train} (test MAE {test['mae']:.2f})"
+        print(f"learning curves -> {plot_learning_curves({name: res.history}, args.plot)}")
     return 0
 
 

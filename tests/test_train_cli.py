@@ -73,10 +73,15 @@ def test_cli_train_and_evaluate(tmp_path):
     root = str(DATASETS)
     r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root", root,
                         "--n-train", "2", "--n-val", "1", "--epochs", "1", "--crop", "40", "--width", "0.0625",
-                        "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out)],
+                        "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out),
+                        "--epochs", "2", "--lr-schedule", "cosine", "--bn-recal", "2", "--plot", str(tmp_path / "c.png")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "epoch 1/1" in r.stdout + r.stderr and "test MAE" in r.stdout
+    assert "epoch 2/2" in r.stdout + r.stderr and "test MAE" in r.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:  # a real picture, not an empty file
+        assert im.size[0] > 400 and len(set(im.convert("L").getdata())) > 10
     r = subprocess.run([sys.executable, "-m", "fastcount", "evaluate", "--dataset", "vgg_cells", "--data-root", root,
                         "--weights", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -125,3 +130,13 @@ def test_cosine_schedule_and_config_checks(small_vgg):
                                        lr_schedule="cosine", bn_recal=2), progress=False, log=lambda s: None)
     assert [round(h["lr"], 8) for h in res.history] == [round(_lr_at(res_cfg, e), 8) for e, res_cfg in
                                                         enumerate([TrainConfig(epochs=2, lr=1e-3, lr_schedule="cosine")] * 2)]
+
+
+def test_plot_learning_curves_checks_input(tmp_path):
+    from fastcount.plots import plot_learning_curves
+
+    with pytest.raises(ValueError, match="non-empty"):
+        plot_learning_curves({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="val_mae"):
+        plot_learning_curves({"a": [{"epoch": 1, "train_loss": 1.0}]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
