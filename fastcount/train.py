@@ -31,7 +31,7 @@ from .io import save_model
 from .model import CountCeption
 from .ops import make_targets, redundant_count
 
-__all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "train", "evaluate", "predict_counts", "run_protocol"]
+__all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
 
 
 @dataclass
@@ -57,6 +57,10 @@ class TrainConfig:
     # images (train-mode forward, no gradient). Training sees small crops whose statistics
     # (more zero padding, noisy batch-of-4 EMA) differ from full images at test time.
     bn_recal: int = 0
+    # Start the output BN at the training targets' per-pixel mean and std. With the default
+    # init (beta 0, gamma 1) Adam needs hundreds of steps just to lift the output to the
+    # mean count density (the "predicts half the count" phase of early training).
+    head_init: bool = True
 
     def check(self):
         for name in ("n_train", "epochs", "batch_size"):
@@ -73,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"fft must be a bool, got {self.fft!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not isinstance(self.head_init, bool):
+            raise ValueError(f"head_init must be a bool, got {self.head_init!r}")
         if not isinstance(self.bn_recal, int) or self.bn_recal < 0:
             raise ValueError(f"bn_recal must be a non-negative int, got {self.bn_recal!r}")
 
@@ -188,6 +194,29 @@ def _batch(dataset, idx, cfg: TrainConfig, gen: torch.Generator):
     return torch.stack(xs), make_targets(dots, cfg.patch_size, cfg.stride).unsqueeze(1)
 
 
+@torch.no_grad()
+def init_head_from_targets(model: CountCeption, dot_maps) -> tuple[float, float]:
+    """Set the last BN's shift/scale to the per-pixel mean/std of the targets of ``dot_maps``.
+
+    The output is LeakyReLU(gamma * z + beta) with z ~ N(0, 1) at the start, so the first
+    predictions then match the target density instead of ~0.4 counts per pixel.
+    Returns (mean, std).
+    """
+    total, sq, n = 0.0, 0.0, 0
+    for d in dot_maps:
+        t = make_targets(torch.as_tensor(np.ascontiguousarray(d), dtype=torch.int64), model.patch_size,
+                         model.stride).to(torch.float64)
+        total, sq, n = total + float(t.sum()), sq + float((t * t).sum()), n + t.numel()
+    if n == 0:
+        raise ValueError("dot_maps is empty")
+    mean = total / n
+    std = math.sqrt(max(sq / n - mean * mean, 0.0)) or 1.0
+    bn = model.layers[-1].bn
+    bn.bias.fill_(mean)
+    bn.weight.fill_(std)
+    return mean, std
+
+
 def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)))
@@ -287,6 +316,8 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
         from .inference.fft import use_fft_convs
 
         use_fft_convs(model)
+    if cfg.head_init:
+        init_head_from_targets(model, [dataset[i][1] for i in train_idx])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     best_state = copy.deepcopy(model.state_dict())

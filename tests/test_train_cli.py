@@ -140,3 +140,29 @@ def test_plot_learning_curves_checks_input(tmp_path):
     with pytest.raises(ValueError, match="val_mae"):
         plot_learning_curves({"a": [{"epoch": 1, "train_loss": 1.0}]}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_head_init_starts_at_the_target_density(small_vgg):
+    from fastcount import CountCeption
+    from fastcount.ops import redundant_count
+    from fastcount.train import init_head_from_targets
+
+    torch.manual_seed(0)
+    m = CountCeption(width=0.125)
+    idx = [3, 17, 40]
+    dots = [small_vgg[i][1] for i in idx]
+    mean, std = init_head_from_targets(m, dots)
+    t = torch.cat([torch.ops.fastcount.make_targets(torch.from_numpy(d), 32, 1).double().flatten() for d in dots])
+    assert mean == pytest.approx(float(t.mean()), rel=1e-9) and std == pytest.approx(float(t.std(unbiased=False)), rel=1e-9)
+    assert m.layers[-1].bn.bias.detach()[0].item() == pytest.approx(mean, rel=1e-6)
+    # Train-mode BN: the untrained net's total count already matches the images' true total.
+    x = torch.stack([torch.from_numpy(small_vgg[i][0]).permute(2, 0, 1).float() for i in idx])
+    with torch.no_grad():
+        pred = float(redundant_count(m(x), 32, 1).sum())
+    truth = float(sum(d.sum() for d in dots))
+    assert abs(pred - truth) < 0.25 * truth, (pred, truth)
+    # and the default init is far off (what head_init fixes)
+    m2 = CountCeption(width=0.125)
+    with torch.no_grad():
+        pred2 = float(redundant_count(m2(x), 32, 1).sum())
+    assert abs(pred2 - truth) > 0.5 * truth, (pred2, truth)
