@@ -1,6 +1,6 @@
 """Per-layer time of the CPU fast path next to eager PyTorch, interleaved in one process.
 
-    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--fft-sizes]
+    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--fft-sizes] [--mix]
     python benchmarks/cpu_layers.py --count-error 20 [--weights model.safetensors]
 
 For every layer of CountCeption it times, on the same input, the eager module
@@ -8,7 +8,9 @@ For every layer of CountCeption it times, on the same input, the eager module
 (fp32 and bf16), alternating rounds so that load from other processes hits
 both alike; it prints the median of each and the ratio. With ``--fft-sizes``
 it also times both large convs at every candidate FFT size next to the cost
-model's choice. ``--count-error N`` instead reports, over the last N VGG cell
+model's choice. With ``--mix`` it also times both large convs with the
+compiled channel-mixing op (``fastcount::spectral_mix``) against the
+transpose + batched-GEMM fallback, interleaved. ``--count-error N`` instead reports, over the last N VGG cell
 images (the reference test set), |count(cpu fp32 / bf16) - count(eager fp32)|
 per 256x256 image for the given weights (default: a random-init model).
 """
@@ -59,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--fft-sizes", action="store_true", help="also sweep the FFT size of the large convs")
+    ap.add_argument("--mix", action="store_true", help="also time the large convs with the compiled mixing op vs the GEMM fallback")
     ap.add_argument("--count-error", type=int, default=0, metavar="N", help="count error on N VGG test images")
     ap.add_argument("--weights", default=None, help="safetensors weights for --count-error")
     args = ap.parse_args(argv)
@@ -112,6 +115,9 @@ def main(argv=None):
         line += " ".join(f"{med[p] * 1e3:10.1f} {med['eager'] / med[p]:6.2f}" for p in backends)
         print(line)
 
+    if args.mix:
+        mix_compare(backends["fp32"], ins, names, args.rounds)
+
     if args.fft_sizes:
         be = backends["fp32"]
         for i, op in enumerate(be.ops):
@@ -128,6 +134,33 @@ def main(argv=None):
                 tt = statistics.median(_time(lambda z: op.fft(z, t), xin) for _ in range(args.rounds))
                 model_s = fft_cost(c, op.fft.out_channels, k, h - k + 1, w - k + 1, t, n)
                 print(f"  T={t:4d} {tt * 1e3:8.1f} ms   model {model_s * 1e3:8.1f}{'  <- chosen' if t == chosen else ''}")
+
+
+def mix_compare(be, ins, names, rounds):
+    """Each FFT layer with the compiled mixing op and with the GEMM fallback, rounds interleaved."""
+    from fastcount.inference.fft import SpectralConv, has_spectral_mix_op
+
+    if not has_spectral_mix_op():
+        print("\n--mix: the compiled fastcount::spectral_mix op is not built")
+        return
+    for i, op in enumerate(be.ops):
+        if not (isinstance(op, _Large) and op.method == "fft"):
+            continue
+        xin = ins[i].contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
+        sc = op.fft
+        n, h, w, _ = xin.shape
+        t = sc.size_for(n, h, w)
+        convs = {p: SpectralConv(sc.weight, sc.bias, sc.slope, t, compiled=p == "op") for p in ("gemm", "op")}
+        ts = {p: [] for p in convs}
+        with torch.inference_mode():
+            for _ in range(rounds + 1):  # the first round builds the spectra
+                for p, c in convs.items():
+                    ts[p].append(_time(c, xin))
+            err = float((convs["op"](xin) - convs["gemm"](xin)).abs().max() / convs["gemm"](xin).abs().max())
+        med = {p: statistics.median(v[1:]) for p, v in ts.items()}
+        print(f"\nlayer {names[i]} input {tuple(xin.shape)} NHWC, T={t}: transpose+GEMM {med['gemm'] * 1e3:.1f} ms, "
+              f"spectral_mix op {med['op'] * 1e3:.1f} ms, x{med['gemm'] / med['op']:.2f} (median of {rounds}, "
+              f"interleaved; max rel diff {err:.1e})")
 
 
 def count_error(n_images: int, weights=None):

@@ -21,6 +21,11 @@ TORCH_LIBRARY(fastcount, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("redundant_count(Tensor count_map, int patch_size=32, int stride=1, int cell=0) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // FFT overlap-save channel mixing (CPU only): out[p, o, f] = sum_c x[c, p, f] * k[f, c, o],
+  // x (C, P, F) complex64, k packed float32 (ceil(F/16), ceil(O/4), C, 4, 2, 16) (see
+  // fastcount.inference.fft.pack_spectrum), out (P, O, F) complex64.
+  m.def("spectral_mix(Tensor x, Tensor k, int out_channels) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // A plain CPython module (no pybind11): importing it runs the static

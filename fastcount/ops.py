@@ -111,6 +111,14 @@ def _register_fake_kernels() -> None:
 
     torch.library.register_autograd("fastcount::redundant_count", _rc_backward, setup_context=_rc_setup)
 
+    if hasattr(torch.ops.fastcount, "spectral_mix"):  # absent from extensions built before it
+
+        @torch.library.register_fake("fastcount::spectral_mix")
+        def _spectral_mix_fake(x, k, out_channels):
+            torch._check(x.dim() == 3, lambda: f"x must be (C, P, F), got {tuple(x.shape)}")
+            c, p, f = x.shape
+            return x.new_empty((p, out_channels, f), dtype=torch.complex64)
+
 
 if has_compiled_ops():
     _register_fake_kernels()

@@ -1,5 +1,7 @@
 """FFT overlap-save convolution vs F.conv2d: forward, gradients, module swap, inference form."""
 import copy
+import os
+import random
 
 import pytest
 import torch
@@ -11,7 +13,11 @@ from fastcount.inference.fft import (
     SpectralConv,
     choose_fft_size,
     fft_conv2d,
+    has_spectral_mix_op,
+    kernel_spectrum,
+    pack_spectrum,
     smooth_sizes,
+    spectral_mix,
     use_fft_convs,
 )
 from fastcount.model import CountCeption
@@ -162,3 +168,166 @@ def test_spectral_conv_cache_is_bounded():
     for t in (8, 9, 10, 12, 15, 8):
         assert rel_err(sc(xh, t), ref) < 1e-5
     assert list(sc._spectra) == [10, 12, 15, 8][-SpectralConv.MAX_CACHED:]
+
+
+# --------------------------------------------------------------------------- spectral_mix
+# Fresh random inputs every run (the seed is in failure messages; FASTCOUNT_TEST_SEED replays one).
+SEED = int(os.environ.get("FASTCOUNT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+MIX_ISAS = ("avx512", "avx2", "baseline")  # code paths of the compiled op (FASTCOUNT_SPECTRAL_MIX_ISA)
+# float32 accumulation over C complex products, vs a float64 reference: max |err| / max |ref|
+MIX_TOL = 1e-5
+
+
+def _spectra(c, p, o, f, salt=0):
+    g = torch.Generator().manual_seed(SEED + salt)
+    x = torch.randn(c, p, f, dtype=torch.complex64, generator=g)
+    k = torch.randn(f, c, o, dtype=torch.complex128, generator=g)
+    return x, k
+
+
+def _mix_reference(x, k):
+    return torch.einsum("cpf,fco->pof", x.to(torch.complex128), k.to(torch.complex128))
+
+
+def test_spectral_mix_op_is_built():
+    # CI builds the extension: the compiled path must be what SpectralConv uses by default.
+    assert has_spectral_mix_op(), "fastcount._C lacks fastcount::spectral_mix (rebuild the extension)"
+    wt = torch.randn(2, 3, 5, 5)
+    assert SpectralConv(wt, torch.zeros(2), 0.01).compiled
+
+
+@pytest.mark.parametrize(
+    "c,p,o,f",
+    [
+        (7, 5, 3, 37),  # nothing a multiple of the 16-frequency block, 4-channel group or 3-tile item
+        (1, 1, 1, 1),
+        (5, 4, 7, 16),  # exactly one frequency block
+        (3, 7, 9, 33),  # one frequency past a block; O = 2 groups + 1
+        (48, 36, 16, 211),  # the 14x14 layer's channels
+        (128, 25, 32, 405),  # the 18x18 layer's channels and tile count (F cut down)
+    ],
+)
+def test_spectral_mix_matches_float64_einsum(c, p, o, f, monkeypatch):
+    x, k = _spectra(c, p, o, f, salt=c * 1000 + f)
+    ref = _mix_reference(x, k)
+    ran = []
+    for isa in MIX_ISAS:
+        monkeypatch.setenv("FASTCOUNT_SPECTRAL_MIX_ISA", isa)
+        try:
+            y = spectral_mix(x, k, compiled=True)
+        except ValueError as e:  # this CPU lacks the instruction set
+            assert "lacks" in str(e) and isa != "baseline", e
+            continue
+        ran.append(isa)
+        assert y.shape == (p, o, f) and y.dtype == torch.complex64
+        assert rel_err(torch.view_as_real(y), torch.view_as_real(ref)) < MIX_TOL, (isa, SEED)
+    assert "baseline" in ran
+    monkeypatch.delenv("FASTCOUNT_SPECTRAL_MIX_ISA")
+    # the default (best) path and the pure-PyTorch fallback agree with the reference and each other
+    y = spectral_mix(x, k)
+    fb = spectral_mix(x, k, compiled=False)
+    assert rel_err(torch.view_as_real(fb), torch.view_as_real(ref)) < MIX_TOL, SEED
+    assert rel_err(torch.view_as_real(y), torch.view_as_real(fb)) < 2 * MIX_TOL, SEED
+
+
+def test_spectral_mix_op_layouts_and_errors():
+    x, k = _spectra(6, 4, 5, 40, salt=1)
+    kp = pack_spectrum(k)
+    assert kp.shape == (3, 2, 6, 4, 2, 16) and kp.dtype == torch.float32
+    # zero padding past F and past O
+    assert not kp[2, :, :, :, :, 8:].any() and not kp[:, 1, :, 1:].any()
+    ref = _mix_reference(x, k)
+    op = torch.ops.fastcount.spectral_mix
+    # a non-contiguous x (a transposed view of the same values) gives the same result
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert rel_err(torch.view_as_real(op(xt, kp, 5)), torch.view_as_real(ref)) < MIX_TOL, SEED
+    # zero input channels: all zeros; zero tiles: empty
+    assert torch.equal(op(x[:0], pack_spectrum(k[:, :0]), 5), torch.zeros(4, 5, 40, dtype=torch.complex64))
+    assert op(x[:, :0], kp, 5).shape == (0, 5, 40)
+    with pytest.raises(TypeError, match="complex64"):
+        op(x.to(torch.complex128), kp, 5)
+    with pytest.raises(TypeError, match="float32"):
+        op(x, kp.double(), 5)
+    with pytest.raises(ValueError, match="packed spectrum"):
+        op(x, kp, 9)  # 9 channels need 3 groups of 4
+    with pytest.raises(ValueError, match="packed spectrum"):
+        op(x[:, :, :30], kp, 5)  # F = 30: two blocks, not three
+    with pytest.raises(ValueError, match=r"\(C, P, F\)"):
+        op(x[0], kp, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        spectral_mix(x, k[:, :5])
+    # shape-only (fake/meta) kernel
+    m = op(x.to("meta"), kp.to("meta"), 5)
+    assert m.shape == (4, 5, 40) and m.dtype == torch.complex64
+    torch.library.opcheck(op.default, (x, kp, 5))  # schema, fake kernel, dispatcher registration
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(
+    "n,c,o,k,h,w,t",
+    [
+        (2, 6, 5, 8, 29, 19, 25),
+        (1, 128, 32, 18, 45, 38, 25),  # the 18x18 layer's channels, 3 x 2 tiles
+        (1, 48, 16, 14, 33, 40, None),  # the 14x14 layer's channels, cost-model size
+    ],
+)
+def test_spectral_conv_compiled_and_fallback_match_conv(n, c, o, k, h, w, t, compiled):
+    x, wt, b = _data(n, c, o, k, h, w, seed=SEED % 1000)
+    ref = F.leaky_relu(F.conv2d(x.double(), wt.double(), b.double()), 0.01)
+    sc = SpectralConv(wt, b, 0.01, fft_size=t, compiled=compiled)
+    assert sc.compiled is compiled
+    y = sc(x.permute(0, 2, 3, 1).contiguous())
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-5, SEED
+    (tt,) = sc._spectra
+    assert sc._spectra[tt].dim() == (6 if compiled else 3)  # packed for the op, real-block for GEMMs
+    sc.compiled = not compiled  # switching paths rebuilds the cached spectrum in the other form
+    assert rel_err(sc(x.permute(0, 2, 3, 1).contiguous()), ref) < 1e-5, SEED
+    assert list(sc._spectra) == [tt] and sc._spectra[tt].dim() == (3 if compiled else 6)
+
+
+def test_spectral_conv_compiled_matches_model_map():
+    """Full network through the cpu backend (SpectralConv with the op): map relative error < 1e-4."""
+    from fastcount.inference.cpu import build
+
+    torch.manual_seed(SEED)
+    model = randomize_bn(CountCeption(width=0.25)).eval()
+    x = torch.rand(1, 3, 70, 61) * 255
+    with torch.inference_mode():
+        ref = model.double()(x.double())
+        be = build(model.float(), "fp32", large="fft")
+        ffts = [op.fft for op in be.ops if getattr(op, "method", None) == "fft"]
+        assert len(ffts) == 2 and all(f.compiled for f in ffts)
+        y = be(x)
+    assert rel_err(y, ref) < 1e-4, SEED
+
+
+def test_spectral_conv_without_extension_uses_gemm_fallback(tmp_path):
+    """Without fastcount._C, SpectralConv runs the pure-PyTorch transpose + GEMM mixing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['fastcount._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "import torch, torch.nn.functional as F\n"
+        "from fastcount.inference.fft import SpectralConv, has_spectral_mix_op, spectral_mix\n"
+        "assert not has_spectral_mix_op()\n"
+        "g = torch.Generator().manual_seed(%d)\n"
+        "x, w, b = torch.randn(1, 5, 23, 20, generator=g), torch.randn(3, 5, 6, 6, generator=g) / 6, torch.randn(3, generator=g)\n"
+        "sc = SpectralConv(w, b, 0.01, fft_size=16)\n"
+        "assert not sc.compiled\n"
+        "y = sc(x.permute(0, 2, 3, 1).contiguous())\n"
+        "ref = F.leaky_relu(F.conv2d(x.double(), w.double(), b.double()), 0.01)\n"
+        "assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5\n"
+        "for bad in (lambda: SpectralConv(w, b, 0.01, compiled=True), lambda: spectral_mix(torch.zeros(2, 1, 3, dtype=torch.complex64), torch.zeros(3, 2, 1, dtype=torch.complex64), compiled=True)):\n"
+        "    try:\n"
+        "        bad()\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'not available' in str(e)\n"
+        "    else:\n"
+        "        raise AssertionError('compiled=True without the extension must raise')\n"
+    ) % (SEED % 1000)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert res.returncode == 0, res.stderr

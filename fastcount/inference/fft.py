@@ -17,6 +17,9 @@ The cost is a few FFT passes plus one batched matmul per frequency, instead of
 - :func:`use_fft_convs`: swap a CountCeption's two large convs to/from FFTConv2d.
 - :class:`SpectralConv`: the inference form (NHWC in, NCHW out, weight spectra cached
   per FFT size, bias folded into the DC term, LeakyReLU in the output pass).
+- :func:`spectral_mix`: its per-frequency channel mixing, by the compiled CPU op
+  ``torch.ops.fastcount.spectral_mix`` (reads rfft2's layout, writes irfft2's: no
+  transposes) or, without the extension, by transposes and batched real GEMMs.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ __all__ = [
     "FFTConv2d",
     "use_fft_convs",
     "SpectralConv",
+    "spectral_mix",
+    "pack_spectrum",
+    "has_spectral_mix_op",
 ]
 
 # Cost model constants (seconds per unit). Calibrated on the 2-core AVX-512
@@ -42,8 +48,9 @@ _FLOP_S = 1.0 / 60e9  # FFT butterflies and small batched GEMMs reach well below
 _BYTE_S = 1.0 / 6e9  # streaming passes (tile gather, transposes, padding, crop); measured under load
 _CALL_S = 20e-6  # fixed overhead per batched-GEMM matrix (tiny per-frequency matmuls)
 _TRANSFORM_S = 5e-6  # fixed overhead per 2-D transform (small FFTs run far below their flop rate)
-# Largest FFT size considered: the cached real-block weight spectrum of the 18x18 layer
-# is F * 2C * 2O floats, about 280 MB at T = 128 (and grows with T^2).
+# Largest FFT size considered: the cached weight spectrum of the 18x18 layer is
+# F * C * O complex (packed for the compiled mixing op), about 140 MB at T = 128, and
+# twice that in the real-block form of the GEMM fallback (and grows with T^2).
 MAX_FFT = 128
 
 
@@ -247,20 +254,120 @@ def use_fft_convs(model, enabled: bool = True, fft_size: int | None = None):
 # --------------------------------------------------------------------------- inference
 
 
+# Packed weight-spectrum layout of torch.ops.fastcount.spectral_mix (csrc/cpu/spectral_mix_cpu.cpp):
+# frequencies in blocks of _MIX_BLOCK, out channels in groups of _MIX_OGROUP, re/im planar.
+_MIX_BLOCK = 16
+_MIX_OGROUP = 4
+
+
+def has_spectral_mix_op() -> bool:
+    """True when the compiled ``fastcount::spectral_mix`` CPU op is available."""
+    from ..ops import has_compiled_ops
+
+    return has_compiled_ops() and hasattr(torch.ops.fastcount, "spectral_mix")
+
+
+def pack_spectrum(k: torch.Tensor) -> torch.Tensor:
+    """(F, C, O) complex weight spectrum -> the float32 layout the compiled op reads.
+
+    Shape (ceil(F/16), ceil(O/4), C, 4, 2, 16): per block of 16 frequencies and
+    group of 4 out channels, for each input channel the 4 channels' real then
+    imaginary parts, frequency innermost; zero-padded past F and O.
+    """
+    f, c, o = k.shape
+    nb, g = -(-f // _MIX_BLOCK), -(-o // _MIX_OGROUP)
+    kp = torch.zeros(nb * _MIX_BLOCK, c, g * _MIX_OGROUP, dtype=k.dtype)
+    kp[:f, :, :o] = k
+    kp = torch.view_as_real(kp).view(nb, _MIX_BLOCK, c, g, _MIX_OGROUP, 2)
+    return kp.permute(0, 3, 2, 4, 5, 1).to(torch.float32).contiguous()
+
+
+def _block_spectrum(k: torch.Tensor) -> torch.Tensor:
+    """(F, C, O) complex -> (F, 2C, 2O) float32 real-block form for the GEMM path.
+
+    Rows: the re(x) block then the im(x) block; columns: (o, re/im) interleaved,
+    so the GEMM output reads directly as complex64 (F, P, O).
+    """
+    f, c, o = k.shape
+    kr, ki = k.real, k.imag
+    m = torch.empty(f, 2, c, o, 2, dtype=kr.dtype)
+    m[:, 0, :, :, 0], m[:, 0, :, :, 1] = kr, ki
+    m[:, 1, :, :, 0], m[:, 1, :, :, 1] = -ki, kr
+    return m.reshape(f, 2 * c, 2 * o).to(torch.float32).contiguous()
+
+
+def _mix_gemm(xs: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+    """The pure-PyTorch mixing: (C, P, F) complex64 x (F, 2C, 2O) real-block -> (P, O, F) complex64.
+
+    PyTorch FFTs write the transformed dims innermost while the per-frequency
+    GEMM needs the frequency outermost, so the data is transposed twice; both
+    copies are plain 2-D transposes (PyTorch's cache-blocked path).
+    """
+    c, p, f = xs.shape
+    o = spec.shape[2] // 2
+    # (C*P, F) complex = (C*P, 2F) real -> (2F, C*P): per frequency [re (C, P) | im (C, P)].
+    xt = torch.empty(2 * f, c * p, dtype=torch.float32)
+    xt.copy_(torch.view_as_real(xs).view(c * p, 2 * f).t())
+    xt = xt.view(f, 2, c, p)
+    # Y = re(X) @ top + im(X) @ bottom; X^T blocks are (C, P) with unit stride over P.
+    ys = torch.bmm(xt[:, 0].transpose(1, 2), spec[:, :c])
+    ys.baddbmm_(xt[:, 1].transpose(1, 2), spec[:, c:])  # (F, P, 2O)
+    del xt
+    ys = torch.view_as_complex(ys.view(f, p, o, 2))
+    yt = torch.empty(p, o, f, dtype=ys.dtype)
+    yt.view(p * o, f).copy_(ys.view(f, p * o).t())  # 2-D transpose -> (P, O, F)
+    return yt
+
+
+def _mix(xs: torch.Tensor, spec: torch.Tensor, o: int) -> torch.Tensor:
+    """Mix with a spectrum in either form: packed (compiled op) or real-block (GEMMs)."""
+    if spec.dim() == 6:
+        return torch.ops.fastcount.spectral_mix(xs, spec, o)
+    return _mix_gemm(xs, spec)
+
+
+def spectral_mix(x: torch.Tensor, k: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
+    """``out[p, o, f] = sum_c x[c, p, f] * k[f, c, o]``: the channel mixing of :class:`SpectralConv`.
+
+    Args:
+        x: (C, P, F) complex64, e.g. an rfft2 output of (C, tiles, T, T//2+1) viewed flat.
+        k: (F, C, O) complex weight spectrum (e.g. :func:`kernel_spectrum`).
+        compiled: True for the compiled op (``torch.ops.fastcount.spectral_mix``),
+            False for the transpose + batched-GEMM path; None: the op when built.
+
+    Returns (P, O, F) complex64, accumulated in float32. Repacks ``k`` on every call
+    (SpectralConv caches the packed form per FFT size instead).
+    """
+    if x.dim() != 3 or k.dim() != 3 or k.shape[:2] != (x.shape[2], x.shape[0]):
+        raise ValueError(f"x must be (C, P, F) and k (F, C, O); got {tuple(x.shape)} and {tuple(k.shape)}")
+    if compiled is None:
+        compiled = has_spectral_mix_op()
+    elif compiled and not has_spectral_mix_op():
+        raise RuntimeError("the compiled fastcount::spectral_mix op is not available (fastcount._C not built or too old)")
+    x = x.to(torch.complex64)
+    spec = pack_spectrum(k) if compiled else _block_spectrum(k)
+    return _mix(x, spec, k.shape[2])
+
+
+
+
 class SpectralConv:
     """Inference form of one large valid conv + bias + LeakyReLU, NHWC in, NCHW out.
 
-    Weight spectra are computed once per FFT size (in float64, stored as the
-    real 2x2-block form of conj(K) so the channel mixing is real batched
-    GEMMs: xr @ [kr ki] + xi @ [-ki kr] = [yr yi], interleaved) and cached
-    (bounded LRU). The bias is
-    added to the DC coefficient (``irfft2`` divides it by T*T), so the output
-    pass only applies the LeakyReLU while cropping tiles into place.
+    Weight spectra are computed once per FFT size (in float64, then stored in
+    float32) and cached (bounded LRU): packed for the compiled
+    ``fastcount::spectral_mix`` op (:func:`pack_spectrum`) when it is built
+    (``compiled``, default), else as the real 2x2-block form of conj(K) so the
+    channel mixing is real batched GEMMs: xr @ [kr ki] + xi @ [-ki kr] = [yr yi],
+    interleaved. The bias is added to the DC coefficient (``irfft2`` divides it
+    by T*T), so the output pass only applies the LeakyReLU while cropping tiles
+    into place.
     """
 
     MAX_CACHED = 3
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, slope: float, fft_size: int | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, slope: float, fft_size: int | None = None,
+                 compiled: bool | None = None):
         if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
             raise ValueError(f"weight must be (O, C, k, k), got {tuple(weight.shape)}")
         self.weight = weight.detach().to("cpu", torch.float64)
@@ -268,11 +375,18 @@ class SpectralConv:
         self.out_channels, self.in_channels, self.kernel = (int(s) for s in weight.shape[:3])
         self.slope = float(slope)
         self.fft_size = None if fft_size is None else _check_fft_size(fft_size, self.kernel)
+        if compiled and not has_spectral_mix_op():
+            raise RuntimeError("compiled=True but the fastcount::spectral_mix op is not available")
+        # The channel mixing: the compiled op when built (else transposes + batched GEMMs).
+        self.compiled = has_spectral_mix_op() if compiled is None else bool(compiled)
         self._spectra: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def spectrum(self, t: int) -> torch.Tensor:
-        """Cached (F, 2C, 2O) float32 real-block weight spectrum for FFT size ``t``.
+        """Cached float32 weight spectrum for FFT size ``t``, in the form ``self.compiled`` needs.
+
+        Packed (:func:`pack_spectrum`) for the compiled op, else the (F, 2C, 2O)
+        real-block form.
 
         At most ``MAX_CACHED`` sizes are kept (least recently used dropped): a
         spectrum can take a few hundred MB, and inputs of many shapes would
@@ -280,7 +394,7 @@ class SpectralConv:
         """
         with self._lock:
             s = self._spectra.pop(t, None)
-            if s is None:
+            if s is None or (s.dim() == 6) != self.compiled:  # none yet, or built for the other path
                 s = self._make_spectrum(t)
             self._spectra[t] = s  # re-insert: dict order is the recency order
             while len(self._spectra) > self.MAX_CACHED:
@@ -289,14 +403,7 @@ class SpectralConv:
 
     def _make_spectrum(self, t: int) -> torch.Tensor:
         k = kernel_spectrum(self.weight, t)  # (F, C, O) complex128
-        f, c, o = k.shape
-        kr, ki = k.real, k.imag
-        # Rows: the re(x) block then the im(x) block; columns: (o, re/im) interleaved,
-        # so the GEMM output reads directly as complex64 (F, P, O).
-        m = torch.empty(f, 2, c, o, 2, dtype=torch.float64)
-        m[:, 0, :, :, 0], m[:, 0, :, :, 1] = kr, ki
-        m[:, 1, :, :, 0], m[:, 1, :, :, 1] = -ki, kr
-        return m.reshape(f, 2 * c, 2 * o).to(torch.float32).contiguous()
+        return pack_spectrum(k) if self.compiled else _block_spectrum(k)
 
     def size_for(self, n: int, h: int, w: int) -> int:
         k = self.kernel
@@ -307,11 +414,11 @@ class SpectralConv:
     def __call__(self, x: torch.Tensor, t: int | None = None) -> torch.Tensor:
         """x: (N, H, W, C) float32 contiguous (NHWC) -> (N, O, H-k+1, W-k+1) float32 (NCHW, maybe a strided view).
 
-        PyTorch FFTs write the transformed dims innermost while the
-        per-frequency GEMM needs the frequency outermost, so the data is
-        transposed twice; every big copy is arranged as a plain 2-D transpose
-        (PyTorch's cache-blocked path) or a copy with contiguous rows, and all
-        tiles go through each step in one call (few ops: cheap under load).
+        Every big copy is arranged as a plain 2-D transpose (PyTorch's
+        cache-blocked path) or a copy with contiguous rows, and all tiles go
+        through each step in one call (few ops: cheap under load). The channel
+        mixing reads rfft2's output and writes irfft2's input layout directly
+        (compiled op; the fallback transposes twice, see :func:`_mix_gemm`).
         """
         n, h, w, c = x.shape
         k, o = self.kernel, self.out_channels
@@ -333,21 +440,9 @@ class SpectralConv:
         tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
         xs = torch.fft.rfft2(tiles)  # (C, N, ny, nx, t, tf)
         del xp, tiles
-        # (C*P, F) complex = (C*P, 2F) real -> (2F, C*P): per frequency [re (C, P) | im (C, P)].
-        xt = torch.empty(2 * f, c * p, dtype=x.dtype)
-        xt.copy_(torch.view_as_real(xs).view(c * p, 2 * f).t())
+        yt = _mix(xs.view(c, p, f), self.spectrum(t), o)  # (P, O, F) complex64
         del xs
-        xt = xt.view(f, 2, c, p)
-        spec = self.spectrum(t)  # (F, 2C, 2O)
-        # Y = re(X) @ top + im(X) @ bottom; X^T blocks are (C, P) with unit stride over P.
-        ys = torch.bmm(xt[:, 0].transpose(1, 2), spec[:, :c])
-        ys.baddbmm_(xt[:, 1].transpose(1, 2), spec[:, c:])  # (F, P, 2O)
-        del xt
-        ys = torch.view_as_complex(ys.view(f, p, o, 2))
-        ys[0] += (self.bias * (t * t)).to(ys.real.dtype)  # bias via the DC term: irfft2 divides by t*t
-        yt = torch.empty(p * o, f, dtype=ys.dtype)
-        yt.copy_(ys.view(f, p * o).t())  # 2-D transpose -> (P, O, F)
-        del ys
+        yt[:, :, 0] += (self.bias * (t * t)).to(torch.float32)  # bias via the DC term: irfft2 divides by t*t
         y = torch.fft.irfft2(yt.view(p, o, t, tf), s=(t, t))  # (P, O, t, t)
         del yt
         # Crop each tile's valid b x b corner into place with the LeakyReLU, in one pass.
