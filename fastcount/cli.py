@@ -32,7 +32,7 @@ def _add_train_args(p):
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: anneal lr to 1%% of --lr over the run")
     p.add_argument("--bn-recal", type=int, default=0, metavar="N",
-                   help="re-estimate BN statistics on N full training images before each validation")
+                   help="re-estimate BN statistics on N training crops before each validation")
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
 
