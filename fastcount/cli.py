@@ -23,15 +23,15 @@ def _add_train_args(p):
     p.add_argument("--crop", type=int, default=None, help="random crop side for training (faster on CPU)")
     p.add_argument("--width", type=float, default=1.0, help="filter-count multiplier (1 = the paper's model)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (the paper's 5e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
                    help="cosine: anneal lr to 1%% of --lr over the run")
-    p.add_argument("--bn-recal", type=int, default=0, metavar="N",
+    p.add_argument("--bn-recal", type=int, default=32, metavar="N",
                    help="re-estimate BN statistics on N training crops before each validation")
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
