@@ -109,3 +109,21 @@ def test_packaged_weights_count_vgg_test_images_within_recorded_mae():
     errs = [abs(count_image(ds[i][0], m) - float(ds[i][1].sum())) for i in idx]
     # 10 images scatter around the 100-image MAE: allow 2x plus a small absolute slack
     assert float(np.mean(errs)) <= 2 * mae + 1.0, (errs, mae)
+
+
+def test_packaged_weights_count_synthetic_vgg_style_cells():
+    """The demo's synthetic cells are VGG-like enough for the default weights (issue 7: within 5%)."""
+    assert default_weights_path().is_file(), "fastcount ships default weights (fastcount/weights/)"
+    from fastcount.data.synth import cell_image
+    from fastcount.inference import compile as compile_backend
+
+    m = load_model()
+    run = compile_backend(m, "auto")
+    pred, truth = [], []
+    for seed in range(6):  # fresh cell layouts, VGG density
+        img, dots = cell_image(256, seed=1000 + seed)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        pred.append(float(fastcount.redundant_count(run(x), m.patch_size, m.stride)))
+        truth.append(float(dots.sum()))
+    rel = (sum(pred) - sum(truth)) / sum(truth)
+    assert abs(rel) < 0.05, (pred, truth, rel)
