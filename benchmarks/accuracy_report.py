@@ -33,7 +33,7 @@ PAPER = {("vgg_cells", 32): (2.4, 0.4), ("vgg_cells", 50): (2.3, 0.4), ("mbm", 5
 def report(ckpt: Path, root: str) -> dict:
     _, best, _, _, meta = _load_checkpoint(ckpt)
     run = meta["run"]
-    ds = load_dataset(run["dataset"], root)
+    ds = load_dataset(run["dataset"], root, halve=run["dataset"] == "mbm")  # the paper's MBM protocol, as the CLI
     model = fastcount.CountCeption(3, run["patch_size"], run["stride"], run["width"])
     model.load_state_dict(best)
     model.eval()
