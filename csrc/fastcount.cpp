@@ -26,6 +26,10 @@ TORCH_LIBRARY(fastcount, m) {
   // fastcount.inference.fft.pack_spectrum), out (P, O, F) complex64.
   m.def("spectral_mix(Tensor x, Tensor k, int out_channels) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // FFT overlap-save tile gather (CPU only): NHWC x -> (C, N*ny*nx, t, t) tiles, tile (iy, ix)
+  // starting at (iy*step, ix*step), zero outside the image.
+  m.def("gather_tiles(Tensor x, int t, int step, int ny, int nx) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // A plain CPython module (no pybind11): importing it runs the static

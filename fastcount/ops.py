@@ -119,6 +119,13 @@ def _register_fake_kernels() -> None:
             c, p, f = x.shape
             return x.new_empty((p, out_channels, f), dtype=torch.complex64)
 
+    if hasattr(torch.ops.fastcount, "gather_tiles"):
+
+        @torch.library.register_fake("fastcount::gather_tiles")
+        def _gather_tiles_fake(x, t, step, ny, nx):
+            torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
+            return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t))
+
 
 if has_compiled_ops():
     _register_fake_kernels()

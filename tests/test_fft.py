@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from conftest import randomize_bn, rel_err
 
 from fastcount.inference.fft import (
+    _gather_rfft2,
+    has_gather_tiles_op,
     FFTConv2d,
     SpectralConv,
     choose_fft_size,
@@ -331,3 +333,69 @@ def test_spectral_conv_without_extension_uses_gemm_fallback(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": root}, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+
+def _tiles_reference(x, t, step, ny, nx):
+    """Plain loops: out[c, p, ty, tx] = x[n, iy*step+ty, ix*step+tx, c], 0 outside (float64)."""
+    n, h, w, c = x.shape
+    out = torch.zeros(c, n * ny * nx, t, t, dtype=torch.float64)
+    for ni in range(n):
+        for iy in range(ny):
+            for ix in range(nx):
+                pi = (ni * ny + iy) * nx + ix
+                y0, x0 = iy * step, ix * step
+                blk = x[ni, y0 : y0 + t, x0 : x0 + t].permute(2, 0, 1)
+                out[:, pi, : blk.shape[1], : blk.shape[2]] = blk
+    return out
+
+
+@pytest.mark.parametrize(
+    "n,h,w,c,t,step",
+    [
+        (1, 1, 1, 1, 1, 1),
+        (2, 37, 41, 5, 16, 7),  # edge tiles run past the image on both axes
+        (3, 10, 13, 17, 8, 5),  # C not a multiple of the 16-channel block
+        (1, 19, 19, 3, 19, 1),  # tiles larger than most of the image
+        (1, 40, 23, 33, 12, 12),  # no overlap (step = t)
+    ],
+)
+def test_gather_tiles_op_matches_reference(n, h, w, c, t, step):
+    assert has_gather_tiles_op(), "fastcount._C lacks fastcount::gather_tiles (rebuild the extension)"
+    g = torch.Generator().manual_seed(SEED + h * w)
+    x = torch.randn(n, h, w, c, generator=g)
+    ny, nx = -(-h // step), -(-w // step)
+    got = torch.ops.fastcount.gather_tiles(x, t, step, ny, nx)
+    assert got.shape == (c, n * ny * nx, t, t) and got.is_contiguous()
+    assert torch.equal(got.double(), _tiles_reference(x.double(), t, step, ny, nx)), SEED  # a copy: exact
+    # the same spectra as the pure-PyTorch path SpectralConv falls back to
+    ref = _gather_rfft2(x, t, step, ny, nx)
+    assert rel_err(torch.view_as_real(torch.fft.rfft2(got)), torch.view_as_real(ref)) < 1e-6, SEED
+
+
+def test_gather_tiles_op_errors_and_fake_kernel():
+    op = torch.ops.fastcount.gather_tiles
+    with pytest.raises(RuntimeError, match="float32 \\(N, H, W, C\\)"):
+        op(torch.zeros(2, 3, 4), 4, 2, 1, 1)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.zeros(1, 4, 4, 2, dtype=torch.float64), 4, 2, 1, 1)
+    with pytest.raises(RuntimeError, match="positive"):
+        op(torch.zeros(1, 4, 4, 2), 0, 2, 1, 1)
+    # a non-contiguous (channels_last view) input is read correctly
+    x = torch.randn(1, 3, 9, 11).permute(0, 2, 3, 1)  # (N, H, W, C) view of NCHW storage
+    assert torch.equal(op(x, 5, 4, 3, 3), op(x.contiguous(), 5, 4, 3, 3))
+    torch.library.opcheck(op.default, (torch.randn(2, 9, 7, 3), 4, 3, 3, 3))
+
+
+def test_spectral_conv_with_and_without_gather_op(monkeypatch):
+    import fastcount.inference.fft as fft_mod
+
+    g = torch.Generator().manual_seed(SEED + 7)
+    x = torch.randn(2, 45, 38, 6, generator=g)
+    wt, b = torch.randn(4, 6, 14, 14, generator=g) * 0.05, torch.randn(4, generator=g)
+    conv = SpectralConv(wt, b, 0.01)
+    ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2).double(), wt.double(), b.double()), 0.01)
+    y_op = conv(x, 24)
+    monkeypatch.setattr(fft_mod, "has_gather_tiles_op", lambda: False)
+    y_fb = conv(x, 24)
+    assert rel_err(y_op, ref) < 1e-5 and rel_err(y_fb, ref) < 1e-5, SEED

@@ -260,6 +260,32 @@ _MIX_BLOCK = 16
 _MIX_OGROUP = 4
 
 
+def has_gather_tiles_op() -> bool:
+    """True when the compiled ``fastcount::gather_tiles`` CPU op is available."""
+    from ..ops import has_compiled_ops
+
+    return has_compiled_ops() and hasattr(torch.ops.fastcount, "gather_tiles")
+
+
+def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Tensor:
+    """rfft2 of the overlap-save tiles of NHWC ``x``: (C, N*ny*nx, t, t//2+1); the reference path.
+
+    NHWC -> (C, N, H, W) by one 2-D transpose, then zero-padded to whole tiles.
+    """
+    n, h, w, c = x.shape
+    hp, wp = (ny - 1) * b + t, (nx - 1) * b + t
+    xc = torch.empty(c, n * h * w, dtype=x.dtype)
+    xc.copy_(x.reshape(n * h * w, c).t())
+    hq, wq = max(hp, h), max(wp, w)
+    xp = torch.empty(c, n, hq, wq, dtype=x.dtype)
+    xp[:, :, :h, :w] = xc.view(c, n, h, w)
+    xp[:, :, h:].zero_()  # zero only the padding strips
+    xp[:, :, :h, w:].zero_()
+    del xc
+    tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
+    return torch.fft.rfft2(tiles).reshape(c, n * ny * nx, t, t // 2 + 1)
+
+
 def has_spectral_mix_op() -> bool:
     """True when the compiled ``fastcount::spectral_mix`` CPU op is available."""
     from ..ops import has_compiled_ops
@@ -427,19 +453,11 @@ class SpectralConv:
         b, ny, nx = _grid(ho, wo, k, t)
         tf = t // 2 + 1
         f, p = t * tf, n * ny * nx
-        hp, wp = (ny - 1) * b + t, (nx - 1) * b + t
-        # NHWC -> (C, N, H, W) by one 2-D transpose, then zero-pad to whole tiles.
-        xc = torch.empty(c, n * h * w, dtype=x.dtype)
-        xc.copy_(x.reshape(n * h * w, c).t())
-        hq, wq = max(hp, h), max(wp, w)
-        xp = torch.empty(c, n, hq, wq, dtype=x.dtype)
-        xp[:, :, :h, :w] = xc.view(c, n, h, w)
-        xp[:, :, h:].zero_()  # zero only the padding strips
-        xp[:, :, :h, w:].zero_()
-        del xc
-        tiles = xp.unfold(2, t, b).unfold(3, t, b)  # (C, N, ny, nx, t, t), rows contiguous
-        xs = torch.fft.rfft2(tiles)  # (C, N, ny, nx, t, tf)
-        del xp, tiles
+        if self.compiled and has_gather_tiles_op():
+            # One pass: NHWC -> the contiguous, zero-padded (C, P, t, t) tiles rfft2 reads.
+            xs = torch.fft.rfft2(torch.ops.fastcount.gather_tiles(x, t, b, ny, nx))  # (C, P, t, tf)
+        else:
+            xs = _gather_rfft2(x, t, b, ny, nx)
         yt = _mix(xs.view(c, p, f), self.spectrum(t), o)  # (P, O, F) complex64
         del xs
         yt[:, :, 0] += (self.bias * (t * t)).to(torch.float32)  # bias via the DC term: irfft2 divides by t*t

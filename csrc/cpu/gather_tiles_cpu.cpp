@@ -1,0 +1,64 @@
+// CPU kernel: the tile gather of the FFT overlap-save convolutions
+// (fastcount/inference/fft.py, SpectralConv):
+//
+//     out[c, p, ty, tx] = x[n, iy*step + ty, ix*step + tx, c]   (0 outside the image)
+//     with p = (n*ny + iy)*nx + ix
+//
+// x is the network's NHWC activation; out is exactly the contiguous input rfft2
+// transforms, so the NHWC -> CHW transpose, the zero padding to whole tiles and
+// rfft2's own copy of a strided tile view become one pass. One work item is one
+// row of one tile: it reads t*C contiguous floats (L1/L2-resident) and writes C
+// rows of t floats, blocks of 16 channels at a time so each read is a vector.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../fastcount_ops.h"
+
+namespace fastcount {
+
+at::Tensor gather_tiles_cpu(const at::Tensor& x, int64_t t, int64_t step, int64_t ny, int64_t nx) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat,
+              "gather_tiles: x must be a float32 (N, H, W, C) tensor, got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(t >= 1 && step >= 1 && ny >= 1 && nx >= 1,
+              "gather_tiles: t, step, ny, nx must be positive, got ", t, ", ", step, ", ", ny, ", ", nx);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.size(0), h = xc.size(1), w = xc.size(2), c = xc.size(3);
+  const int64_t p = n * ny * nx;
+  at::Tensor out = at::empty({c, p, t, t}, xc.options());
+  if (out.numel() == 0) return out;
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t plane = p * t * t;  // distance between channels in out
+  constexpr int64_t kCB = 16;
+  at::parallel_for(0, p * t, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pi = item / t, ty = item % t;
+      const int64_t ni = pi / (ny * nx), iy = (pi / nx) % ny, ix = pi % nx;
+      const int64_t y = iy * step + ty, x0 = ix * step;
+      const int64_t valid = y < h ? std::max<int64_t>(0, std::min(t, w - x0)) : 0;
+      float* row = dst + (pi * t + ty) * t;  // channel 0's row; channel k's at row + k * plane
+      if (valid == 0) {
+        for (int64_t k = 0; k < c; ++k) std::fill(row + k * plane, row + k * plane + t, 0.f);
+        continue;
+      }
+      const float* s = src + ((ni * h + y) * w + x0) * c;
+      for (int64_t k0 = 0; k0 < c; k0 += kCB) {
+        const int64_t kn = std::min(kCB, c - k0);
+        for (int64_t xx = 0; xx < valid; ++xx) {
+          const float* v = s + xx * c + k0;
+          for (int64_t k = 0; k < kn; ++k) row[(k0 + k) * plane + xx] = v[k];
+        }
+        for (int64_t k = 0; k < kn; ++k) std::fill(row + (k0 + k) * plane + valid, row + (k0 + k) * plane + t, 0.f);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace fastcount
+
+TORCH_LIBRARY_IMPL(fastcount, CPU, m) { m.impl("gather_tiles", &fastcount::gather_tiles_cpu); }
