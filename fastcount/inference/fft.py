@@ -260,11 +260,17 @@ _MIX_BLOCK = 16
 _MIX_OGROUP = 4
 
 
-def has_gather_tiles_op() -> bool:
-    """True when the compiled ``fastcount::gather_tiles`` CPU op is available."""
+def _has_op(name: str) -> bool:
+    """True when the compiled CPU op ``fastcount::<name>`` is available (extensions built
+    before an op was added lack it)."""
     from ..ops import has_compiled_ops
 
-    return has_compiled_ops() and hasattr(torch.ops.fastcount, "gather_tiles")
+    return has_compiled_ops() and hasattr(torch.ops.fastcount, name)
+
+
+def has_gather_tiles_op() -> bool:
+    """True when the compiled ``fastcount::gather_tiles`` CPU op is available."""
+    return _has_op("gather_tiles")
 
 
 def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Tensor:
@@ -288,9 +294,7 @@ def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Te
 
 def has_spectral_mix_op() -> bool:
     """True when the compiled ``fastcount::spectral_mix`` CPU op is available."""
-    from ..ops import has_compiled_ops
-
-    return has_compiled_ops() and hasattr(torch.ops.fastcount, "spectral_mix")
+    return _has_op("spectral_mix")
 
 
 def pack_spectrum(k: torch.Tensor) -> torch.Tensor:
@@ -373,8 +377,6 @@ def spectral_mix(x: torch.Tensor, k: torch.Tensor, compiled: bool | None = None)
     x = x.to(torch.complex64)
     spec = pack_spectrum(k) if compiled else _block_spectrum(k)
     return _mix(x, spec, k.shape[2])
-
-
 
 
 class SpectralConv:
