@@ -1,6 +1,6 @@
 """Per-layer time of the CPU fast path next to eager PyTorch, interleaved in one process.
 
-    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--fft-sizes] [--mix]
+    python benchmarks/cpu_layers.py --size 256 --rounds 3 [--fft-sizes] [--mix] [--no-pool] [--bf16-fft]
     python benchmarks/cpu_layers.py --count-error 20 [--weights model.safetensors]
 
 For every layer of CountCeption it times, on the same input, the eager module
@@ -24,6 +24,7 @@ import torch
 
 from fastcount.inference.cpu import CPUBackend, _Large, bf16_supported
 from fastcount.inference.fft import fft_cost, smooth_sizes
+from fastcount.inference.memory import pooled
 from fastcount.inference.plan import fold
 from fastcount.model import CountCeption
 
@@ -62,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--fft-sizes", action="store_true", help="also sweep the FFT size of the large convs")
     ap.add_argument("--mix", action="store_true", help="also time the large convs with the compiled mixing op vs the GEMM fallback")
+    ap.add_argument("--no-pool", action="store_true",
+                    help="time the fast ops without fastcount's memory pool (fresh mmaps per large tensor)")
+    ap.add_argument("--bf16-fft", action="store_true", help="also time bf16 with the large convs by FFT")
     ap.add_argument("--count-error", type=int, default=0, metavar="N", help="count error on N VGG test images")
     ap.add_argument("--weights", default=None, help="safetensors weights for --count-error")
     args = ap.parse_args(argv)
@@ -75,6 +79,8 @@ def main(argv=None):
     backends = {"fp32": CPUBackend(plan, "fp32")}
     if bf16_supported():
         backends["bf16"] = CPUBackend(plan, "bf16")
+        if args.bf16_fft:
+            backends["bf16fft"] = CPUBackend(plan, "bf16", large="fft")
     ins = _layer_inputs(model, x)
     names = _names(model)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, input {args.size}x{args.size}, "
@@ -93,7 +99,8 @@ def main(argv=None):
 
     n_body = len(backends["fp32"].ops)
     rows = []
-    with torch.inference_mode():
+    # The backend runs its ops inside the memory pool (CPUBackend(reuse_memory=True)); so do we.
+    with torch.inference_mode(), pooled(not args.no_pool):
         for i in range(len(model.layers)):
             if i > n_body:  # head layers are timed together at index n_body
                 continue

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "fastcount_ops.h"
+#include "cpu/memory_pool.h"
 
 TORCH_LIBRARY(fastcount, m) {
   // The Python module that registers the fake kernels: torch points users there
@@ -34,9 +35,52 @@ TORCH_LIBRARY(fastcount, m) {
 
 // A plain CPython module (no pybind11): importing it runs the static
 // registrations above. `with_cuda` tells Python whether CUDA kernels exist.
+// The CPU memory pool (csrc/cpu/memory_pool.cpp) as plain module functions;
+// fastcount.inference.memory wraps them.
+namespace {
+
+template <typename F>
+PyObject* guarded(F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* pool_enter(PyObject*, PyObject*) { return guarded(fastcount::pool::enter); }
+PyObject* pool_exit(PyObject*, PyObject*) { return guarded(fastcount::pool::exit); }
+PyObject* pool_release(PyObject*, PyObject*) { return guarded(fastcount::pool::release); }
+
+PyObject* pool_set_limit(PyObject*, PyObject* arg) {
+  const unsigned long long v = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return guarded([v] { fastcount::pool::set_limit(static_cast<size_t>(v)); });
+}
+
+PyObject* pool_stats(PyObject*, PyObject*) {
+  const fastcount::pool::Stats s = fastcount::pool::stats();
+  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:L,s:K}", "idle_bytes", (unsigned long long)s.idle_bytes,
+                       "live_bytes", (unsigned long long)s.live_bytes, "hits", (unsigned long long)s.hits,
+                       "misses", (unsigned long long)s.misses, "depth", (long long)s.depth, "limit",
+                       (unsigned long long)s.limit);
+}
+
+PyMethodDef kMethods[] = {
+    {"pool_enter", pool_enter, METH_NOARGS, "Open a memory-pool scope (the pool becomes the CPU allocator)."},
+    {"pool_exit", pool_exit, METH_NOARGS, "Close a scope; the last one restores the allocator and trims."},
+    {"pool_release", pool_release, METH_NOARGS, "Free every idle cached block."},
+    {"pool_set_limit", pool_set_limit, METH_O, "Cap the idle cached bytes."},
+    {"pool_stats", pool_stats, METH_NOARGS, "Pool counters as a dict."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fastcount compiled ops", -1,
-                                   nullptr};
+                                   kMethods};
   PyObject* mod = PyModule_Create(&def);
   if (mod == nullptr) return nullptr;
 #ifdef FASTCOUNT_WITH_CUDA

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..model import CountCeption
 from .fft import SpectralConv
+from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
 
 __all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "PRECISIONS"]
@@ -201,7 +202,7 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self, plan: Plan, precision: str = "fp32", fft_size=None, large: str = "auto", merge="auto",
-                 threads: int | None = None):
+                 threads: int | None = None, reuse_memory: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} for the cpu backend, got {precision!r}")
         if precision == "bf16" and not bf16_supported():
@@ -212,7 +213,10 @@ class CPUBackend:
             raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if not isinstance(reuse_memory, bool):
+            raise ValueError(f"reuse_memory must be True or False, got {reuse_memory!r}")
         self.precision = precision
+        self.reuse_memory = reuse_memory
         self.geometry = plan.geometry
         self.in_channels = plan.in_channels
         self.threads = threads
@@ -287,7 +291,7 @@ class CPUBackend:
         if want != old:
             torch.set_num_threads(want)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), pooled(self.reuse_memory):
                 return self._forward(x)
         finally:
             if want != old:
@@ -337,7 +341,9 @@ def build(model: CountCeption, precision: str = "fp32", device=None, **options) 
         device: None or a CPU device.
         **options: ``fft_size`` (int, or a pair for the two large convs; None =
             cost model), ``large`` ("auto" | "fft" | "direct"), ``merge``
-            ("auto" | True | False), ``threads`` (None = all cores).
+            ("auto" | True | False), ``threads`` (None = all cores), ``reuse_memory``
+            (True: run inside :func:`fastcount.inference.memory.pooled`, so activations
+            reuse the previous call's memory instead of fresh page-faulted mmaps).
     """
     if not isinstance(model, CountCeption):
         raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")

@@ -1,0 +1,155 @@
+"""The scoped caching CPU allocator (fastcount.inference.memory, csrc/cpu/memory_pool.cpp)."""
+import threading
+
+import pytest
+import torch
+
+from fastcount.inference import memory
+from fastcount.inference.cpu import build
+from fastcount.model import CountCeption
+from fastcount.testing import randomize_bn
+
+MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _clean_pool():
+    memory.release()
+    yield
+    memory.set_limit(2**64 - 1)
+    memory.release()
+
+
+def test_pool_is_built():
+    # CI builds fastcount._C: the pool must be there (the backend's speed depends on it).
+    assert memory.available()
+
+
+def test_freed_block_is_reused_in_scope():
+    with memory.pooled():
+        a = torch.empty(3 * MB, dtype=torch.uint8)
+        ptr = a.data_ptr()
+        del a
+        s0 = memory.stats()
+        assert s0["idle_bytes"] >= 3 * MB
+        b = torch.empty(3 * MB, dtype=torch.uint8)
+        assert b.data_ptr() == ptr
+        assert memory.stats()["hits"] == s0["hits"] + 1
+        b.fill_(7)
+        assert int(b.sum()) == 7 * 3 * MB
+        del b
+
+
+def test_outside_scope_default_allocator_and_small_blocks_not_pooled():
+    live = memory.stats()["live_bytes"]
+    a = torch.empty(4 * MB, dtype=torch.uint8)  # no scope: PyTorch's allocator
+    assert memory.stats()["live_bytes"] == live
+    with memory.pooled():
+        small = torch.empty(MB // 2, dtype=torch.uint8)  # under 1 MiB: default allocator too
+        assert memory.stats()["live_bytes"] == live
+        big = torch.empty(4 * MB, dtype=torch.uint8)
+        assert memory.stats()["live_bytes"] >= live + 4 * MB
+    del a, small
+    # A pooled tensor may outlive its scope; freeing it returns it to the pool.
+    big.fill_(1)
+    del big
+    assert memory.stats()["live_bytes"] == live
+    assert memory.stats()["idle_bytes"] >= 4 * MB
+    assert memory.stats()["depth"] == 0
+
+
+def test_unused_sizes_trimmed_and_release_and_limit():
+    with memory.pooled():
+        torch.empty(5 * MB, dtype=torch.uint8)
+    assert memory.stats()["idle_bytes"] >= 5 * MB
+    for _ in range(5):  # scopes that never ask for that size again
+        with memory.pooled():
+            pass
+    assert memory.stats()["idle_bytes"] == 0
+    with memory.pooled():
+        torch.empty(5 * MB, dtype=torch.uint8)
+    memory.release()
+    assert memory.stats()["idle_bytes"] == 0
+    memory.set_limit(0)  # nothing kept: freed blocks go straight back to the OS
+    with memory.pooled():
+        torch.empty(5 * MB, dtype=torch.uint8)
+    assert memory.stats()["idle_bytes"] == 0
+    with pytest.raises(ValueError, match="nbytes"):
+        memory.set_limit(-1)
+
+
+def test_disabled_by_env_and_without_extension(monkeypatch):
+    monkeypatch.setenv("FASTCOUNT_MEMORY_POOL", "0")
+    assert not memory.available()
+    with memory.pooled():
+        assert memory.stats()["depth"] == 0
+    monkeypatch.delenv("FASTCOUNT_MEMORY_POOL")
+    monkeypatch.setattr(memory, "has_compiled_ops", lambda: False)
+    assert not memory.available()
+    with memory.pooled():
+        torch.empty(4 * MB, dtype=torch.uint8)
+    assert memory.stats() == {"idle_bytes": 0, "live_bytes": 0, "hits": 0, "misses": 0, "depth": 0, "limit": 0}
+
+
+def test_nested_scope_and_exception_restore():
+    with pytest.raises(KeyError):
+        with memory.pooled():
+            with memory.pooled():
+                assert memory.stats()["depth"] == 2
+                raise KeyError("boom")
+    assert memory.stats()["depth"] == 0
+    live = memory.stats()["live_bytes"]
+    t = torch.empty(4 * MB, dtype=torch.uint8)
+    assert memory.stats()["live_bytes"] == live  # the default allocator is back
+    del t
+
+
+def _model():
+    torch.manual_seed(3)
+    m = CountCeption(width=0.25)
+    randomize_bn(m, seed=4)
+    return m.eval()
+
+
+def test_backend_same_result_with_and_without_pool_repeated():
+    m = _model()
+    x = torch.rand(2, 3, 61, 47) * 255
+    plain = build(m, "fp32", reuse_memory=False)
+    pooled = build(m, "fp32")
+    ref = plain(x)
+    for _ in range(3):  # later calls run on reused (dirty) blocks
+        y = pooled(x)
+        assert torch.equal(y, ref)
+    assert memory.stats()["hits"] > 0
+    with torch.inference_mode():
+        eager = m(x)
+    rel = float((y - eager).abs().max() / eager.abs().max())
+    assert rel < 1e-4, rel
+    with pytest.raises(ValueError, match="reuse_memory"):
+        build(m, "fp32", reuse_memory="yes")
+
+
+def test_backend_threads_share_the_pool():
+    m = _model()
+    be = build(m, "fp32", threads=1)
+    xs = [torch.rand(1, 3, 50 + 7 * i, 64) * 255 for i in range(4)]
+    refs = [build(m, "fp32", reuse_memory=False, threads=1)(x) for x in xs]
+    out = [None] * len(xs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                out[i] = be(xs[i])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for y, r in zip(out, refs):
+        assert torch.equal(y, r)
+    assert memory.stats()["depth"] == 0
