@@ -99,8 +99,7 @@ def main(argv=None):
 
     n_body = len(backends["fp32"].ops)
     rows = []
-    # The backend runs its ops inside the memory pool (CPUBackend(reuse_memory=True)); so do we.
-    with torch.inference_mode(), pooled(not args.no_pool):
+    with torch.inference_mode():
         for i in range(len(model.layers)):
             if i > n_body:  # head layers are timed together at index n_body
                 continue
@@ -111,7 +110,9 @@ def main(argv=None):
             for _ in range(args.rounds + 1):  # first round warms caches and oneDNN primitives
                 ts["eager"].append(_time(eager_fn, ins[i]))
                 for p, (op, inp) in fast.items():
-                    ts[p].append(_time(op, inp))
+                    # The backend runs its ops inside the memory pool (reuse_memory=True); eager does not.
+                    with pooled(not args.no_pool):
+                        ts[p].append(_time(op, inp))
             med = {k: statistics.median(v[1:]) for k, v in ts.items()}
             name = names[i] if i < n_body else "head (1x1 convs)"
             rows.append((name, med))
@@ -137,8 +138,9 @@ def main(argv=None):
             cands = [t for t in smooth_sizes(k + 8, 160)]
             print(f"\nlayer {names[i]}: FFT size sweep (cost model picks {chosen})")
             for t in cands:
-                op.fft(xin, t)  # builds and caches the spectrum
-                tt = statistics.median(_time(lambda z: op.fft(z, t), xin) for _ in range(args.rounds))
+                with torch.inference_mode(), pooled(not args.no_pool):
+                    op.fft(xin, t)  # builds and caches the spectrum
+                    tt = statistics.median(_time(lambda z: op.fft(z, t), xin) for _ in range(args.rounds))
                 model_s = fft_cost(c, op.fft.out_channels, k, h - k + 1, w - k + 1, t, n)
                 print(f"  T={t:4d} {tt * 1e3:8.1f} ms   model {model_s * 1e3:8.1f}{'  <- chosen' if t == chosen else ''}")
 

@@ -31,6 +31,10 @@ TORCH_LIBRARY(fastcount, m) {
   // starting at (iy*step, ix*step), zero outside the image.
   m.def("gather_tiles(Tensor x, int t, int step, int ny, int nx) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // FFT overlap-save output pass (CPU only): (P, O, t, t) irfft2 tiles -> NHWC (N, height, width, O),
+  // each tile's b x b corner cropped into place with the LeakyReLU.
+  m.def("crop_tiles(Tensor tiles, int n, int ny, int nx, int b, int height, int width, float slope) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // A plain CPython module (no pybind11): importing it runs the static

@@ -124,7 +124,14 @@ def _register_fake_kernels() -> None:
         @torch.library.register_fake("fastcount::gather_tiles")
         def _gather_tiles_fake(x, t, step, ny, nx):
             torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
-            return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t))
+            return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t), dtype=torch.float32)
+
+    if hasattr(torch.ops.fastcount, "crop_tiles"):
+
+        @torch.library.register_fake("fastcount::crop_tiles")
+        def _crop_tiles_fake(tiles, n, ny, nx, b, height, width, slope):
+            torch._check(tiles.dim() == 4, lambda: f"tiles must be (P, O, t, t), got {tuple(tiles.shape)}")
+            return tiles.new_empty((n, height, width, tiles.shape[1]))
 
 
 if has_compiled_ops():

@@ -10,6 +10,7 @@ from conftest import randomize_bn, rel_err
 
 from fastcount.inference.fft import (
     _gather_rfft2,
+    has_crop_tiles_op,
     has_gather_tiles_op,
     FFTConv2d,
     SpectralConv,
@@ -368,6 +369,10 @@ def test_gather_tiles_op_matches_reference(n, h, w, c, t, step):
     got = torch.ops.fastcount.gather_tiles(x, t, step, ny, nx)
     assert got.shape == (c, n * ny * nx, t, t) and got.is_contiguous()
     assert torch.equal(got.double(), _tiles_reference(x.double(), t, step, ny, nx)), SEED  # a copy: exact
+    xb = x.to(torch.bfloat16)  # the bf16 pipeline's input: widened exactly, tiles are float32
+    gotb = torch.ops.fastcount.gather_tiles(xb, t, step, ny, nx)
+    assert gotb.dtype == torch.float32
+    assert torch.equal(gotb.double(), _tiles_reference(xb.double(), t, step, ny, nx)), SEED
     # the same spectra as the pure-PyTorch path SpectralConv falls back to
     ref = _gather_rfft2(x, t, step, ny, nx)
     assert rel_err(torch.view_as_real(torch.fft.rfft2(got)), torch.view_as_real(ref)) < 1e-6, SEED
@@ -375,7 +380,7 @@ def test_gather_tiles_op_matches_reference(n, h, w, c, t, step):
 
 def test_gather_tiles_op_errors_and_fake_kernel():
     op = torch.ops.fastcount.gather_tiles
-    with pytest.raises(RuntimeError, match="float32 \\(N, H, W, C\\)"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 \\(N, H, W, C\\)"):
         op(torch.zeros(2, 3, 4), 4, 2, 1, 1)
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.zeros(1, 4, 4, 2, dtype=torch.float64), 4, 2, 1, 1)
@@ -385,6 +390,7 @@ def test_gather_tiles_op_errors_and_fake_kernel():
     x = torch.randn(1, 3, 9, 11).permute(0, 2, 3, 1)  # (N, H, W, C) view of NCHW storage
     assert torch.equal(op(x, 5, 4, 3, 3), op(x.contiguous(), 5, 4, 3, 3))
     torch.library.opcheck(op.default, (torch.randn(2, 9, 7, 3), 4, 3, 3, 3))
+    torch.library.opcheck(op.default, (torch.randn(2, 9, 7, 3).to(torch.bfloat16), 4, 3, 3, 3))
 
 
 def test_spectral_conv_with_and_without_gather_op(monkeypatch):
@@ -399,3 +405,65 @@ def test_spectral_conv_with_and_without_gather_op(monkeypatch):
     monkeypatch.setattr(fft_mod, "has_gather_tiles_op", lambda: False)
     y_fb = conv(x, 24)
     assert rel_err(y_op, ref) < 1e-5 and rel_err(y_fb, ref) < 1e-5, SEED
+
+
+def _crop_reference(tiles, n, ny, nx, b, height, width, slope):
+    """Loop-free reference of fastcount::crop_tiles: NHWC, LeakyReLU'd valid corners."""
+    p, o, t, _ = tiles.shape
+    y = tiles.view(n, ny, nx, o, t, t)[..., :b, :b].permute(0, 1, 4, 2, 5, 3)  # (N, ny, b, nx, b, O)
+    y = y.reshape(n, ny * b, nx * b, o)[:, :height, :width]
+    return F.leaky_relu(y, slope)
+
+
+@pytest.mark.parametrize(
+    "n,ny,nx,b,t,o,height,width",
+    [
+        (1, 1, 1, 1, 1, 1, 1, 1),
+        (2, 3, 4, 7, 12, 5, 19, 25),  # partial last tiles on both axes
+        (1, 2, 2, 21, 30, 33, 40, 37),  # runs of 16 columns straddle tile edges; O not a multiple of anything
+        (3, 1, 3, 9, 9, 2, 9, 17),  # b == t
+        (1, 2, 1, 5, 8, 3, 0, 4),  # empty output
+    ],
+)
+def test_crop_tiles_op_matches_reference(n, ny, nx, b, t, o, height, width):
+    assert has_crop_tiles_op(), "fastcount._C lacks fastcount::crop_tiles (rebuild the extension)"
+    g = torch.Generator().manual_seed(SEED + b * t + o)
+    tiles = torch.randn(n * ny * nx, o, t, t, generator=g)
+    got = torch.ops.fastcount.crop_tiles(tiles, n, ny, nx, b, height, width, 0.07)
+    assert got.shape == (n, height, width, o) and got.is_contiguous()
+    assert torch.equal(got, _crop_reference(tiles, n, ny, nx, b, height, width, 0.07)), SEED
+
+
+def test_crop_tiles_op_errors_and_fake_kernel():
+    op = torch.ops.fastcount.crop_tiles
+    tiles = torch.randn(4, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="float32 \\(P, O, t, t\\)"):
+        op(tiles.double(), 1, 2, 2, 5, 10, 10, 0.01)
+    with pytest.raises(RuntimeError, match="expected n\\*ny\\*nx"):
+        op(tiles, 1, 2, 3, 5, 10, 10, 0.01)
+    with pytest.raises(RuntimeError, match="covering it"):
+        op(tiles, 1, 2, 2, 5, 11, 10, 0.01)
+    with pytest.raises(RuntimeError, match="must be positive"):
+        op(tiles, 1, 2, 2, 0, 10, 10, 0.01)
+    torch.library.opcheck(op.default, (tiles, 1, 2, 2, 5, 9, 7, 0.01))
+
+
+def test_spectral_conv_with_and_without_crop_op(monkeypatch):
+    import fastcount.inference.fft as fft_mod
+
+    g = torch.Generator().manual_seed(SEED + 11)
+    x = torch.randn(2, 47, 39, 7, generator=g)
+    wt, b = torch.randn(5, 7, 14, 14, generator=g) * 0.05, torch.randn(5, generator=g)
+    conv = SpectralConv(wt, b, 0.01)
+    ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2).double(), wt.double(), b.double()), 0.01)
+    y_op = conv(x, 25)
+    assert y_op.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(fft_mod, "has_crop_tiles_op", lambda: False)
+    y_fb = conv(x, 25)
+    assert y_fb.shape == y_op.shape == ref.shape
+    assert rel_err(y_op, ref) < 1e-5 and rel_err(y_fb, ref) < 1e-5, SEED
+    assert torch.equal(y_op, y_fb)  # same spectra, same crop: identical
+    # the bf16 pipeline feeds bf16 activations: widened exactly by the gather
+    xb = x.to(torch.bfloat16)
+    refb = F.leaky_relu(F.conv2d(xb.permute(0, 3, 1, 2).double(), wt.double(), b.double()), 0.01)
+    assert rel_err(conv(xb, 25), refb) < 1e-5, SEED

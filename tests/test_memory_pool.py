@@ -15,9 +15,40 @@ MB = 1 << 20
 @pytest.fixture(autouse=True)
 def _clean_pool():
     memory.release()
+    limit = memory.stats()["limit"]
     yield
-    memory.set_limit(2**64 - 1)
+    memory.set_limit(limit)
     memory.release()
+
+
+def test_default_limit_is_a_quarter_of_memory():
+    import os
+
+    phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory.stats()["limit"] == phys // 4
+
+
+def test_idle_cache_bounded_by_twice_the_working_set():
+    import gc
+
+    gc.collect()
+    for _ in range(4):  # forget the working sets of earlier tests' scopes
+        with memory.pooled():
+            pass
+    live = memory.stats()["live_bytes"]  # pooled tensors other tests still hold count as working set
+    with memory.pooled():
+        for i in range(1, 11):  # each freed before the next: working set 20 MB, 110 MB passed through
+            t = torch.empty(2 * i * MB, dtype=torch.uint8)  # (sizes in whole 2 MiB pages: no reuse)
+            del t
+        assert memory.stats()["idle_bytes"] >= 110 * MB
+    idle = memory.stats()["idle_bytes"]
+    assert 0 < idle <= 2 * (20 * MB + live), idle
+    # the newest blocks are the ones kept (the oldest go first)
+    with memory.pooled():
+        s0 = memory.stats()["hits"]
+        t = torch.empty(20 * MB, dtype=torch.uint8)
+        assert memory.stats()["hits"] == s0 + 1
+        del t
 
 
 def test_pool_is_built():

@@ -8,11 +8,13 @@
 // size, shapes repeat from pass to pass) and handed to the next allocation of
 // that size without touching the kernel.
 //
-// Bounds: blocks not reused during a scope are freed when the outermost scope
-// ends, so the idle cache never exceeds what the last pass allocated; idle bytes
-// are also capped (set_limit) and release() frees everything idle. Blocks of at
-// least 2 MiB are 2 MiB aligned and advised as transparent huge pages (fewer TLB
-// misses in the FFT's strided passes). Small blocks go to the default allocator.
+// Bounds: when the outermost scope ends, idle blocks no scope reused in the last
+// kKeepScopes are freed, then the oldest idle blocks until the idle bytes are at
+// most twice the largest working set (peak bytes handed out) of those scopes; the
+// idle bytes never exceed a limit (default: a quarter of physical memory,
+// set_limit), and release() frees everything idle. Blocks of at least 2 MiB are
+// 2 MiB aligned and advised as transparent huge pages (fewer TLB misses in the
+// FFT's strided passes). Small blocks go to the default allocator.
 //
 // Scopes nest and may be entered from several threads: the first entry installs
 // the allocator, the last exit restores the previous one. A block's deleter
@@ -22,8 +24,11 @@
 #include <c10/util/Exception.h>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -49,7 +54,8 @@ bool use_thp() {
 
 struct Block {
   void* ptr;
-  uint64_t epoch;  // scope epoch in which it was last handed out or returned
+  uint64_t epoch;  // scope epoch in which it was returned
+  uint64_t stamp;  // return order (least recently returned goes first)
 };
 
 class PoolAllocator final : public c10::Allocator {
@@ -69,12 +75,12 @@ class PoolAllocator final : public c10::Allocator {
       } else {
         ++misses_;
       }
-      if (p != nullptr) live_[p] = size;
+      if (p != nullptr) track(p, size);
     }
     if (p == nullptr) {
       p = fresh(size);
       std::lock_guard<std::mutex> g(mu_);
-      live_[p] = size;
+      track(p, size);
     }
     return {p, p, &PoolAllocator::deleter, c10::Device(c10::DeviceType::CPU)};
   }
@@ -86,7 +92,7 @@ class PoolAllocator final : public c10::Allocator {
   }
 
   void give_back(void* p) {
-    bool drop = false;
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
       auto it = live_.find(p);
@@ -98,14 +104,16 @@ class PoolAllocator final : public c10::Allocator {
       }
       const size_t size = it->second;
       live_.erase(it);
-      if (idle_bytes_ + size > limit_) {
-        drop = true;
+      live_bytes_ -= size;
+      if (size > limit_) {
+        drop.push_back(p);
       } else {
-        free_[size].push_back({p, epoch_});
+        free_[size].push_back({p, epoch_, ++clock_});
         idle_bytes_ += size;
+        evict_to(limit_, drop);
       }
     }
-    if (drop) std::free(p);
+    for (void* q : drop) std::free(q);
   }
 
   void enter() {
@@ -115,6 +123,7 @@ class PoolAllocator final : public c10::Allocator {
       c10::SetCPUAllocator(this, 0);
       // Another allocator registered at a higher priority wins: then this scope is a no-op.
       installed_ = c10::GetCPUAllocator() == this;
+      scope_peak_ = live_bytes_;
     }
   }
 
@@ -126,8 +135,9 @@ class PoolAllocator final : public c10::Allocator {
       if (--depth_ > 0) return;
       if (installed_) c10::SetCPUAllocator(previous_, 0);
       installed_ = false;
-      // Trim what the last kKeepScopes scopes did not reuse (sizes of an earlier input
-      // shape); a few scopes, not one, so backends called in turn keep their blocks.
+      peaks_[epoch_ % kKeepScopes] = scope_peak_;
+      // Blocks the last kKeepScopes scopes did not reuse (an earlier input shape) go;
+      // a few scopes, not one, so backends called in turn keep their blocks.
       for (auto& kv : free_) {
         auto& v = kv.second;
         size_t keep = 0;
@@ -141,6 +151,8 @@ class PoolAllocator final : public c10::Allocator {
         }
         v.resize(keep);
       }
+      const size_t working = *std::max_element(peaks_.begin(), peaks_.end());
+      evict_to(std::min(limit_, 2 * working), drop);
       ++epoch_;
     }
     for (void* p : drop) std::free(p);
@@ -159,19 +171,57 @@ class PoolAllocator final : public c10::Allocator {
   }
 
   void set_limit(size_t bytes) {
-    std::lock_guard<std::mutex> g(mu_);
-    limit_ = bytes;
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      limit_ = bytes;
+      evict_to(limit_, drop);
+    }
+    for (void* p : drop) std::free(p);
   }
 
   Stats stats() {
     std::lock_guard<std::mutex> g(mu_);
-    size_t live = 0;
-    for (const auto& kv : live_) live += kv.second;
-    return {idle_bytes_, live, hits_, misses_, depth_, limit_};
+    return {idle_bytes_, live_bytes_, hits_, misses_, depth_, limit_};
   }
 
  private:
   static void deleter(void* p);
+
+  void track(void* p, size_t size) {  // mu_ held
+    live_[p] = size;
+    live_bytes_ += size;
+    scope_peak_ = std::max(scope_peak_, live_bytes_);
+  }
+
+  // Move the least recently returned idle blocks to `drop` until idle_bytes_ <= cap (mu_ held; the
+  // caller frees them after unlocking).
+  void evict_to(size_t cap, std::vector<void*>& drop) {
+    while (idle_bytes_ > cap) {
+      std::vector<Block>* oldest = nullptr;
+      size_t oldest_size = 0;
+      size_t at = 0;
+      for (auto& kv : free_) {
+        for (size_t i = 0; i < kv.second.size(); ++i) {
+          if (oldest == nullptr || kv.second[i].stamp < (*oldest)[at].stamp) {
+            oldest = &kv.second;
+            oldest_size = kv.first;
+            at = i;
+          }
+        }
+      }
+      if (oldest == nullptr) break;
+      drop.push_back((*oldest)[at].ptr);
+      oldest->erase(oldest->begin() + static_cast<std::ptrdiff_t>(at));
+      idle_bytes_ -= oldest_size;
+    }
+  }
+
+  static size_t default_limit() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page <= 0) return size_t(4) << 30;
+    return static_cast<size_t>(pages) * static_cast<size_t>(page) / 4;
+  }
 
   static c10::Allocator* fallback() { return c10::GetDefaultCPUAllocator(); }
 
@@ -195,9 +245,10 @@ class PoolAllocator final : public c10::Allocator {
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<Block>> free_;
   std::unordered_map<void*, size_t> live_;
-  size_t idle_bytes_ = 0;
-  size_t limit_ = SIZE_MAX;
-  uint64_t hits_ = 0, misses_ = 0, epoch_ = 1;
+  size_t idle_bytes_ = 0, live_bytes_ = 0, scope_peak_ = 0;
+  std::array<size_t, kKeepScopes> peaks_{};  // working set of the last kKeepScopes scopes
+  size_t limit_ = default_limit();
+  uint64_t hits_ = 0, misses_ = 0, epoch_ = 1, clock_ = 0;
   int64_t depth_ = 0;
   bool installed_ = false;
   c10::Allocator* previous_ = nullptr;

@@ -12,8 +12,10 @@ What runs where (activations NHWC / channels_last throughout):
 - the two large valid convs (14x14, 18x18 for r = 32): FFT overlap-save
   (:class:`fastcount.inference.fft.SpectralConv`), FFT size per layer and
   input shape from a cost model, weight spectra cached per FFT size. In bf16
-  on CPUs with AMX tiles the direct oneDNN bf16 conv is cheaper than the FFT
-  and is used instead (``large="auto"``).
+  on CPUs with AMX tiles, a layer runs as a direct oneDNN bf16 conv instead
+  where a fitted cost says that is cheaper (``large="auto"``): the 14x14
+  (48 -> 16 channels) does, the 18x18 (128 -> 32) runs by FFT (in fp32, fed
+  bf16 activations by the tile gather).
 - the 1x1 head: a chain of matmuls with bias + LeakyReLU, on the stride-s
   subsampled map (1x1 convs commute with subsampling).
 
@@ -73,6 +75,23 @@ def _merge_cost(cin: int, a: int, b: int) -> tuple[float, float]:
     merged = 9 * cin * (a + b) + _BYTE_IN_MACS * 4 * (cin + a + b)
     split = cin * a + 9 * cin * b + _BYTE_IN_MACS * 4 * (2 * cin + 3 * (a + b))
     return merged, split
+
+
+# Large-conv choice in bf16 on AMX CPUs, per output pixel (ns), fitted to per-layer times on
+# the 2-core AMX machine at 256x256 and 1024x1024 (benchmarks/cpu_layers.py --bf16-fft):
+# oneDNN's direct AMX conv runs ~1 TMAC/s; the fp32 FFT path costs a per-channel part
+# (gather, FFTs) and a per-channel-pair part (the mixing). 14x14 (48->16): direct 150 vs
+# FFT 273; 18x18 (128->32): direct 1270 vs FFT 885.
+_AMX_NS_PER_MAC = 1.0e-3
+_FFT_NS_PER_CHANNEL = 3.15
+_FFT_NS_PER_PAIR = 0.093
+
+
+def _amx_direct_cheaper(cin: int, cout: int, k: int) -> bool:
+    """Whether oneDNN's direct bf16 AMX conv beats the FFT for a k x k cin -> cout layer."""
+    direct = _AMX_NS_PER_MAC * k * k * cin * cout
+    fft = _FFT_NS_PER_CHANNEL * (cin + cout) + _FFT_NS_PER_PAIR * cin * cout
+    return direct < fft
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -141,12 +160,11 @@ class _Large:
             self.conv = _Conv(layer.weight, layer.bias, 0, layer.slope, dtype)
 
     def __call__(self, x):
-        """channels_last (N, C, H, W) in -> (N, O, H', W'): NCHW fp32 from the FFT, channels_last from oneDNN."""
+        """channels_last (N, C, H, W) in -> (N, O, H', W'): fp32 from the FFT (channels_last with the
+        compiled ops, else NCHW), channels_last from oneDNN."""
         if self.method == "direct":
             return self.conv(x)
-        xh = x.permute(0, 2, 3, 1)  # the NHWC storage as (N, H, W, C)
-        if xh.dtype != torch.float32:
-            xh = xh.float()
+        xh = x.permute(0, 2, 3, 1)  # the NHWC storage as (N, H, W, C); bf16 is widened by the tile gather
         return self.fft(xh.contiguous())
 
 
@@ -159,11 +177,15 @@ class _Head:
         self.w = [l.weight[:, :, 0, 0].to(dtype).contiguous() for l in layers]  # (O, C)
         self.b = [l.bias.to(dtype).contiguous() for l in layers]
         self.slope = [l.slope for l in layers]
+        # channels_last input: oneDNN 1x1 convs with the LeakyReLU fused (one pass per layer)
+        self.convs = [_Conv(l.weight, l.bias, 0, l.slope, dtype) for l in layers]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride
         if s > 1:
             x = x[:, :, ::s, ::s]
+            if x.stride(1) == 1:  # was channels_last: keep it (a strided view is neither layout)
+                x = _nhwc(x)
         n, c, h, w = x.shape
         if not x.is_contiguous(memory_format=torch.channels_last):
             # NCHW (the FFT's output, maybe a cropped view): out (O, HW) = W (O, C) @ x (C, HW) per image
@@ -174,10 +196,10 @@ class _Head:
                     z = F.leaky_relu_(torch.addmm(b[:, None], wt, z), sl)
                 outs.append(z.view(1, -1, h, w))
             return torch.cat(outs).float() if n > 1 else outs[0].float()
-        z = x.permute(0, 2, 3, 1).reshape(n * h * w, c).to(self.dtype)  # NHWC: (NHW, C) @ W^T
-        for wt, b, sl in zip(self.w, self.b, self.slope):
-            z = F.leaky_relu_(torch.addmm(b, z, wt.t()), sl)
-        return z.view(n, h, w, -1).permute(0, 3, 1, 2).float().contiguous()
+        z = x.to(self.dtype)
+        for conv in self.convs:
+            z = conv(z)
+        return z.float().contiguous()
 
 
 @dataclass(frozen=True)
@@ -222,8 +244,9 @@ class CPUBackend:
         self.threads = threads
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.dtype = dtype
+        amx_direct = large == "auto" and precision == "bf16" and amx_supported()
         if large == "auto":
-            large = "direct" if precision == "bf16" and amx_supported() else "fft"
+            large = "fft"
 
         layers = list(plan.layers)
         n_head = 0
@@ -244,6 +267,8 @@ class CPUBackend:
                 merged.append(do_merge)
             elif layer.padding == 0 and layer.kernel > 1:
                 method = large if layer.kernel >= _MIN_FFT_KERNEL else "direct"
+                if amx_direct and method == "fft" and _amx_direct_cheaper(layer.in_channels, layer.out_channels, layer.kernel):
+                    method = "direct"
                 size = fft_size[n_large] if isinstance(fft_size, (tuple, list)) else fft_size
                 self.ops.append(_Large(layer, dtype, method, size if method == "fft" else None))
                 larges.append((layer.kernel, method))

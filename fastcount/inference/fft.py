@@ -40,6 +40,8 @@ __all__ = [
     "spectral_mix",
     "pack_spectrum",
     "has_spectral_mix_op",
+    "has_gather_tiles_op",
+    "has_crop_tiles_op",
 ]
 
 # Cost model constants (seconds per unit). Calibrated on the 2-core AVX-512
@@ -273,6 +275,11 @@ def has_gather_tiles_op() -> bool:
     return _has_op("gather_tiles")
 
 
+def has_crop_tiles_op() -> bool:
+    """True when the compiled ``fastcount::crop_tiles`` CPU op is available."""
+    return _has_op("crop_tiles")
+
+
 def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Tensor:
     """rfft2 of the overlap-save tiles of NHWC ``x``: (C, N*ny*nx, t, t//2+1); the reference path.
 
@@ -440,7 +447,9 @@ class SpectralConv:
         return choose_fft_size(self.in_channels, self.out_channels, k, h - k + 1, w - k + 1, n)
 
     def __call__(self, x: torch.Tensor, t: int | None = None) -> torch.Tensor:
-        """x: (N, H, W, C) float32 contiguous (NHWC) -> (N, O, H-k+1, W-k+1) float32 (NCHW, maybe a strided view).
+        """x: (N, H, W, C) float32 or bfloat16, contiguous (NHWC) -> (N, O, H-k+1, W-k+1) float32.
+        The FFTs and the mixing run in float32 either way. The result is channels_last
+        (NHWC storage) with the compiled ops, else an NCHW (maybe strided) view.
 
         Every big copy is arranged as a plain 2-D transpose (PyTorch's
         cache-blocked path) or a copy with contiguous rows, and all tiles go
@@ -456,17 +465,20 @@ class SpectralConv:
         tf = t // 2 + 1
         f, p = t * tf, n * ny * nx
         if self.compiled and has_gather_tiles_op():
-            # One pass: NHWC -> the contiguous, zero-padded (C, P, t, t) tiles rfft2 reads.
+            # One pass: NHWC (fp32 or bf16) -> the contiguous, zero-padded fp32 (C, P, t, t) tiles rfft2 reads.
             xs = torch.fft.rfft2(torch.ops.fastcount.gather_tiles(x, t, b, ny, nx))  # (C, P, t, tf)
         else:
-            xs = _gather_rfft2(x, t, b, ny, nx)
+            xs = _gather_rfft2(x.float(), t, b, ny, nx)
         yt = _mix(xs.view(c, p, f), self.spectrum(t), o)  # (P, O, F) complex64
         del xs
         yt[:, :, 0] += (self.bias * (t * t)).to(torch.float32)  # bias via the DC term: irfft2 divides by t*t
         y = torch.fft.irfft2(yt.view(p, o, t, tf), s=(t, t))  # (P, O, t, t)
         del yt
         # Crop each tile's valid b x b corner into place with the LeakyReLU, in one pass.
+        if self.compiled and has_crop_tiles_op():
+            # Straight to NHWC: what the next layer reads (returned as a channels_last NCHW view).
+            return torch.ops.fastcount.crop_tiles(y, n, ny, nx, b, ho, wo, self.slope).permute(0, 3, 1, 2)
         y = y.view(n, ny, nx, o, t, t)[..., :b, :b].permute(0, 3, 1, 4, 2, 5)  # (N, O, ny, b, nx, b)
-        out = x.new_empty(n, o, ny * b, nx * b)
+        out = torch.empty(n, o, ny * b, nx * b, dtype=torch.float32)
         torch._C._nn.leaky_relu(y, self.slope, out=out.view(n, o, ny, b, nx, b))
         return out[:, :, :ho, :wo]

@@ -10,11 +10,13 @@ Inside ``with pooled():`` the process's CPU allocator is fastcount's pool
 handed to the next allocation of the same size; smaller ones go to PyTorch's
 default allocator. ``CPUBackend`` calls run inside it (``reuse_memory=True``).
 
-Bounds: when the outermost scope ends, blocks no scope reused in the last 4 are freed,
-so the idle cache holds at most what one pass allocated; :func:`set_limit`
-caps it further and :func:`release` frees it. ``FASTCOUNT_MEMORY_POOL=0``
-turns the pool off process-wide. Without the compiled extension the scope is a
-no-op.
+Bounds: when the outermost scope ends, blocks that none of the last 4 scopes
+reused are freed (sizes of an earlier input shape), then the oldest idle blocks
+until at most twice the largest working set of those scopes is kept idle. Idle
+bytes never exceed a limit (default: a quarter of physical memory;
+:func:`set_limit`), and :func:`release` frees them all.
+``FASTCOUNT_MEMORY_POOL=0`` turns the pool off process-wide. Without the
+compiled extension the scope is a no-op.
 
 While a scope is open, every thread's CPU tensors of >= 1 MiB come from the pool
 (the allocator is process-wide); their memory is returned to the pool when
