@@ -5,8 +5,9 @@
 
 Forward, batch 1, full-width CountCeption, 256x256 and 1024x1024 inputs (VGG
 cell images; 1024 = a 4x4 mosaic of them), in this order per size:
-eager fp32 NCHW (the baseline), eager channels_last, torch.compile with
-inductor freezing, fastcount cpu fp32, fastcount cpu bf16 (if the CPU has
+eager fp32 NCHW (the baseline), the same inside fastcount's memory pool
+(``eager_pooled``: how much of the fast path's gain is memory reuse alone),
+eager channels_last, torch.compile with inductor freezing, fastcount cpu fp32, fastcount cpu bf16 (if the CPU has
 native bf16). Then one training step (forward + backward + Adam) at 256x256,
 eager vs FFT large convs.
 
@@ -32,10 +33,11 @@ import fastcount
 from fastcount.inference import compile as fc_compile
 from fastcount.inference.cpu import bf16_supported
 from fastcount.inference.fft import use_fft_convs
+from fastcount.inference.memory import pooled
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "vgg_cells"
 SIZES = (256, 1024)
-VARIANTS = ("eager_nchw", "eager_channels_last", "compile_freezing", "cpu_fp32", "cpu_bf16")
+VARIANTS = ("eager_nchw", "eager_pooled", "eager_channels_last", "compile_freezing", "cpu_fp32", "cpu_bf16")
 ROUNDS = {256: 5, 1024: 1}  # an eager 1024x1024 forward is ~25 s on 2 cores
 INTERLEAVED = {256: 3, 1024: 1}
 
@@ -67,6 +69,11 @@ def _runner(variant: str, model):
     if variant == "eager_nchw":
         def run(x):
             with torch.inference_mode():
+                return model(x)
+        return run
+    if variant == "eager_pooled":
+        def run(x):
+            with torch.inference_mode(), pooled():
                 return model(x)
         return run
     if variant == "eager_channels_last":

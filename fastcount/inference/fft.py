@@ -44,12 +44,15 @@ __all__ = [
     "has_crop_tiles_op",
 ]
 
-# Cost model constants (seconds per unit). Calibrated on the 2-core AVX-512
-# development machine; only their ratios matter for picking a tile size.
-_FLOP_S = 1.0 / 60e9  # FFT butterflies and small batched GEMMs reach well below FMA peak
-_BYTE_S = 1.0 / 6e9  # streaming passes (tile gather, transposes, padding, crop); measured under load
-_CALL_S = 20e-6  # fixed overhead per batched-GEMM matrix (tiny per-frequency matmuls)
-_TRANSFORM_S = 5e-6  # fixed overhead per 2-D transform (small FFTs run far below their flop rate)
+# Cost model constants (seconds per unit), fitted (non-negative least squares on relative
+# error) to 150 timings of both large layers at 256, 512 and 1024 px inputs and every
+# candidate size, inside the memory pool, on the 2-core AVX-512 development machine
+# (benchmarks/cpu_layers.py --fft-sizes gives such a sweep).
+_FFT_FLOP_S = 1.0 / 86e9  # FFT butterflies (~2.5 T^2 log2 T^2 per real 2-D transform)
+_MIX_FLOP_S = 1.0 / 121e9  # the complex channel mixing (compiled spectral_mix op)
+_BYTE_S = 1.0 / 9.4e9  # streaming passes (tile gather, spectra, crop)
+_WBYTE_S = 1.0 / 94e9  # weight spectra (read once per frequency block, from L2 for several tiles)
+_TRANSFORM_S = 8.8e-8  # fixed overhead per 2-D transform
 # Largest FFT size considered: the cached weight spectrum of the 18x18 layer is
 # F * C * O complex (packed for the compiled mixing op), about 140 MB at T = 128, and
 # twice that in the real-block form of the GEMM fallback (and grows with T^2).
@@ -69,6 +72,19 @@ def smooth_sizes(lo: int, hi: int) -> list[int]:
     return out
 
 
+def _fast_fft_size(t: int) -> bool:
+    """Sizes 2^a * 5 and 2^a * 15 (a >= 1): the ones whose rfft2 (and the strided passes
+    around it) ran consistently fast in the size sweeps. Other 2,3,5-smooth sizes ran up to
+    1.5-2x slower than the model predicts: powers of two >= 64 (cache-set aliasing of the
+    strided passes), repeated radix-3/5 factors (81, 125, 135), and 96, 72, 64 generally."""
+    if t % 2:
+        return False
+    m = t // 2
+    while m % 2 == 0:
+        m //= 2
+    return m in (5, 15)
+
+
 def _grid(out_h: int, out_w: int, k: int, t: int):
     b = t - k + 1
     return b, math.ceil(out_h / b), math.ceil(out_w / b)
@@ -76,23 +92,27 @@ def _grid(out_h: int, out_w: int, k: int, t: int):
 
 def fft_cost(c_in: int, c_out: int, k: int, out_h: int, out_w: int, t: int, n: int = 1,
              weight_passes: float = 1.0) -> float:
-    """Modelled seconds of one overlap-save layer with FFT size ``t`` (relative units).
+    """Modelled seconds of one overlap-save layer with FFT size ``t`` (fitted on one machine;
+    only the ranking of sizes matters).
 
     Counts FFT flops (~2.5 T^2 log2 T^2 per real 2-D transform), the complex
-    channel mixing (8 real flops per complex multiply-add), and the bytes of the
-    streaming passes: tile gather, spectrum permute, weight spectra (``F*C*O``
-    complex, read ``weight_passes`` times: once in inference, several times in
-    training where they are rebuilt and differentiated every step), and the
-    output crop. Larger tiles waste less
-    overlap but have larger weight spectra and fewer tiles to reuse them over.
+    channel mixing (8 real flops per complex multiply-add), the bytes of the
+    streaming passes (tile gather, spectra, output crop) and of the weight spectra
+    (``F*C*O`` complex, read ``weight_passes`` times: once in inference, several
+    times in training, where they are also re-transformed and differentiated
+    every step), and a fixed cost per transform. Larger tiles waste less overlap
+    but have larger weight spectra and fewer tiles to reuse them over.
     """
     b, ny, nx = _grid(out_h, out_w, k, t)
     p = n * ny * nx
     f = t * (t // 2 + 1)
     fft = 2.5 * t * t * math.log2(t * t) * p * (c_in + c_out)
     mix = 8.0 * f * p * c_in * c_out
-    bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 8 * f * c_in * c_out * weight_passes + 4 * p * t * t * c_out
-    return (fft + mix) * _FLOP_S + bytes_ * _BYTE_S + f * _CALL_S + p * (c_in + c_out) * _TRANSFORM_S
+    bytes_ = 4 * p * t * t * c_in * 2 + 8 * p * f * (2 * c_in + 2 * c_out) + 4 * p * t * t * c_out
+    weights = 8 * f * c_in * c_out * weight_passes
+    if weight_passes > 1:  # training: the weight spectra are transformed (and back-propagated) every step
+        fft += 2.5 * t * t * math.log2(t * t) * c_in * c_out * weight_passes
+    return fft * _FFT_FLOP_S + mix * _MIX_FLOP_S + bytes_ * _BYTE_S + weights * _WBYTE_S + p * (c_in + c_out) * _TRANSFORM_S
 
 
 def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: int = 1,
@@ -102,7 +122,8 @@ def choose_fft_size(c_in: int, c_out: int, k: int, out_h: int, out_w: int, n: in
     # overlap; past MAX_FFT the weight spectra (F*C*O complex) take too much memory.
     whole = smooth_sizes(max(out_h, out_w) + k - 1, 2 * (max(out_h, out_w) + k))[0]
     top = max(k + 1, min(whole, max(MAX_FFT, 2 * k)))
-    cands = smooth_sizes(min(2 * k, top), top) or smooth_sizes(k + 1, 2 * k + 2)[:1]
+    smooth = smooth_sizes(min(2 * k, top), top)
+    cands = [t for t in smooth if _fast_fft_size(t)] or smooth or smooth_sizes(k + 1, 2 * k + 2)[:1]
     return min(cands, key=lambda t: fft_cost(c_in, c_out, k, out_h, out_w, t, n, weight_passes))
 
 
