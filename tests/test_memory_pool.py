@@ -184,3 +184,38 @@ def test_backend_threads_share_the_pool():
     for y, r in zip(out, refs):
         assert torch.equal(y, r)
     assert memory.stats()["depth"] == 0
+
+
+def test_compile_passes_reuse_memory_and_rejects_unknown_options():
+    from fastcount.inference import compile as fc_compile
+
+    m = _model()
+    assert fc_compile(m, backend="cpu", reuse_memory=False).reuse_memory is False
+    assert fc_compile(m, backend="cpu").reuse_memory is True
+    with pytest.raises(TypeError, match="no options"):
+        fc_compile(m, backend="eager", reuse_memory=False)
+    with pytest.raises(TypeError):
+        fc_compile(m, backend="cpu", reuse_memroy=False)
+
+
+def test_best_fit_and_cap_keeps_the_blocks_it_has():
+    with memory.pooled():
+        a = torch.empty(4 * MB, dtype=torch.uint8)
+        ptr = a.data_ptr()
+        del a
+        b = torch.empty(3 * MB, dtype=torch.uint8)  # a 4 MB block serves up to 1.5x the request
+        assert b.data_ptr() == ptr
+        del b
+        s0 = memory.stats()
+        c = torch.empty(2 * MB, dtype=torch.uint8)  # 4 MB is more than 1.5x 2 MB: fresh block
+        assert memory.stats()["misses"] == s0["misses"] + 1 and c.data_ptr() != ptr
+        del c
+    memory.release()
+    memory.set_limit(5 * MB)
+    with memory.pooled():
+        x, y = torch.empty(4 * MB, dtype=torch.uint8), torch.empty(4 * MB, dtype=torch.uint8)
+        px = x.data_ptr()
+        del x, y  # the first returned stays, the second would pass the cap and is freed
+        assert memory.stats()["idle_bytes"] == 4 * MB
+        z = torch.empty(4 * MB, dtype=torch.uint8)
+        assert z.data_ptr() == px

@@ -63,8 +63,13 @@ def available_backends(device="cpu") -> list[str]:
     return out
 
 
-def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32", device=None):
-    """Turn an eval-mode CountCeption into a fast inference callable (see module doc)."""
+def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32", device=None, **options):
+    """Turn an eval-mode CountCeption into a fast inference callable (see module doc).
+
+    ``options`` go to the chosen backend's ``build``: for "cpu" ``fft_size``, ``large``,
+    ``merge``, ``threads``, ``reuse_memory`` (see :func:`fastcount.inference.cpu.build`);
+    for "triton" ``tf32``.
+    """
     if not isinstance(model, CountCeption):
         raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")
     if backend not in BACKENDS:
@@ -77,8 +82,10 @@ def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32",
         # On the CPU "triton" is Triton's interpreter (for tests, ~1000x slower): never chosen automatically.
         backend = "triton" if dev.type == "cuda" and "triton" in avail else "cpu" if "cpu" in avail else "eager"
     if backend == "eager":
+        if options:
+            raise TypeError(f"backend 'eager' takes no options, got {sorted(options)}")
         return EagerBackend(model, precision)
     mod = _module(backend)
     if mod is None:
         raise ValueError(f"backend {backend!r} is not available in this installation")
-    return mod.build(model, precision=precision, device=dev)
+    return mod.build(model, precision=precision, device=dev, **options)

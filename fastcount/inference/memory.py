@@ -7,8 +7,8 @@ fault and kernel zeroing for every 4 KiB page of every large activation: on the
 
 Inside ``with pooled():`` the process's CPU allocator is fastcount's pool
 (``csrc/cpu/memory_pool.cpp``): blocks of 1 MiB and more are kept when freed and
-handed to the next allocation of the same size; smaller ones go to PyTorch's
-default allocator. ``CPUBackend`` calls run inside it (``reuse_memory=True``).
+handed to the next allocation they fit (best fit, at most 1.5x the request);
+smaller ones go to PyTorch's default allocator. ``CPUBackend`` calls run inside it (``reuse_memory=True``).
 
 Bounds: when the outermost scope ends, blocks that none of the last 4 scopes
 reused are freed (sizes of an earlier input shape), then the oldest idle blocks
