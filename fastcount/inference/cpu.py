@@ -16,11 +16,16 @@ What runs where (activations NHWC / channels_last throughout):
   where a fitted cost says that is cheaper (``large="auto"``): the 14x14
   (48 -> 16 channels) does, the 18x18 (128 -> 32) runs by FFT (in fp32, fed
   bf16 activations by the tile gather).
-- the 1x1 head: a chain of matmuls with bias + LeakyReLU, on the stride-s
-  subsampled map (1x1 convs commute with subsampling).
+- the 1x1 head: oneDNN 1x1 convs with the LeakyReLU fused on the NHWC map
+  (matmuls on an NCHW one), on the stride-s subsampled map (1x1 convs commute
+  with subsampling).
+
+Every call runs inside fastcount's caching allocator
+(:mod:`fastcount.inference.memory`, ``reuse_memory=True``), so large
+activations reuse the previous call's memory instead of fresh mmaps.
 
 BatchNorm is folded (in float64) into every conv. bf16 runs the Inception
-blocks and large convs in bfloat16 (fp32 accumulation in oneDNN), every FFT,
+blocks and the direct large convs in bfloat16 (fp32 accumulation in oneDNN), every FFT,
 the first conv and the 1x1 head in fp32 (cheap, and they set the count's
 bias); the count map is returned as float32 like ``model(x)``.
 """
