@@ -248,7 +248,7 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     import signal
     import time
 
-    img = np.random.default_rng(8).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    img = np.random.default_rng(8).integers(0, 256, (320, 320, 3), dtype=np.uint8)  # enough tiles to still be running
     np.save(tmp_path / "img.npy", img)
     w = save_model(model, tmp_path / "w.safetensors")
     ck = tmp_path / "ck.npz"
@@ -262,7 +262,8 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     t0 = time.time()
     while not ck.exists() and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.05)  # interrupt soon after the first checkpoint, well before the last tile
+    assert p.poll() is None, "the counting process finished before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "KeyboardInterrupt" in err
