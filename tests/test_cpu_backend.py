@@ -163,3 +163,14 @@ def test_fft_sizes_report_and_override():
     assert len(sizes) == 2 and sizes[0] > 14 and sizes[1] > 18
     assert build(model, fft_size=(30, 40)).fft_sizes(256, 256) == [30, 40]
     assert build(model, precision="fp32", large="direct").fft_sizes(256, 256) == []
+
+
+def test_amx_large_conv_choice_model():
+    from fastcount.inference.cpu import _amx_direct_cheaper
+
+    # Fitted to the measured per-layer times: the full-width 14x14 (48 -> 16) is cheaper as a
+    # direct AMX conv, the 18x18 (128 -> 32) by FFT; tiny channel counts stay direct.
+    assert _amx_direct_cheaper(48, 16, 14)
+    assert not _amx_direct_cheaper(128, 32, 18)
+    assert _amx_direct_cheaper(4, 2, 18)
+    assert not _amx_direct_cheaper(256, 64, 18)

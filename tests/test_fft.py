@@ -467,3 +467,18 @@ def test_spectral_conv_with_and_without_crop_op(monkeypatch):
     xb = x.to(torch.bfloat16)
     refb = F.leaky_relu(F.conv2d(xb.permute(0, 3, 1, 2).double(), wt.double(), b.double()), 0.01)
     assert rel_err(conv(xb, 25), refb) < 1e-5, SEED
+
+
+def test_fft_size_candidates_and_choice():
+    from fastcount.inference.fft import _fast_fft_size
+
+    assert [t for t in range(2, 130) if _fast_fft_size(t)] == [10, 20, 30, 40, 60, 80, 120]
+    # the full-width layers at 256x256 and 1024x1024 input: the fitted model picks T = 120
+    assert choose_fft_size(48, 16, 14, 305, 305) == 120
+    assert choose_fft_size(128, 32, 18, 288, 288) == 120
+    assert choose_fft_size(128, 32, 18, 1056, 1056) == 120
+    # training weighs the per-step weight transforms: smaller tiles
+    assert choose_fft_size(128, 32, 18, 288, 288, 1, 8.0) < 120
+    # tiny maps: any valid size (> k), including non-candidates when no candidate fits
+    for k, out in [(14, 1), (18, 3), (5, 2), (18, 40)]:
+        assert choose_fft_size(8, 4, k, out, out) > k
