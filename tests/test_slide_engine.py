@@ -248,12 +248,16 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     import signal
     import time
 
-    img = np.random.default_rng(8).integers(0, 256, (320, 320, 3), dtype=np.uint8)  # enough tiles to still be running
+    img = np.random.default_rng(8).integers(0, 256, (200, 200, 3), dtype=np.uint8)
     np.save(tmp_path / "img.npy", img)
     w = save_model(model, tmp_path / "w.safetensors")
     ck = tmp_path / "ck.npz"
+    # Each batch read is slowed to 20 ms in the child, so the run is still going when the
+    # signal comes (a fast machine finished the whole image before it, and exited 0).
     script = (
-        "import numpy as np, torch, fastcount; torch.set_num_threads(1); "
+        "import time, numpy as np, torch, fastcount; import fastcount.slide.engine as E; "
+        "torch.set_num_threads(1); _rb = E._read_batch; "
+        "E._read_batch = lambda *a, **k: (time.sleep(0.02), _rb(*a, **k))[1]; "
         f"m = fastcount.load_model({str(w)!r}); img = np.load({str(tmp_path / 'img.npy')!r}); "
         f"fastcount.count_slide(img, m, tile=16, mask=None, progress=False, backend='eager', workers=1, "
         f"checkpoint={str(ck)!r}, checkpoint_every=0)"
@@ -262,7 +266,7 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     t0 = time.time()
     while not ck.exists() and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.05)  # interrupt soon after the first checkpoint, well before the last tile
+    time.sleep(0.1)
     assert p.poll() is None, "the counting process finished before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
