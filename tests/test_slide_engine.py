@@ -255,7 +255,9 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     # Each batch read is slowed to 20 ms in the child, so the run is still going when the
     # signal comes (a fast machine finished the whole image before it, and exited 0).
     script = (
-        "import time, numpy as np, torch, fastcount; import fastcount.slide.engine as E; "
+        "import signal, time, numpy as np, torch, fastcount; import fastcount.slide.engine as E; "
+        # a parent started in the background may pass SIGINT down ignored: restore Ctrl-C
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
         "torch.set_num_threads(1); _rb = E._read_batch; "
         "E._read_batch = lambda *a, **k: (time.sleep(0.02), _rb(*a, **k))[1]; "
         f"m = fastcount.load_model({str(w)!r}); img = np.load({str(tmp_path / 'img.npy')!r}); "
