@@ -8,7 +8,8 @@ cell images; 1024 = a 4x4 mosaic of them), in this order per size:
 eager fp32 NCHW (the baseline), the same inside fastcount's memory pool
 (``eager_pooled``: how much of the fast path's gain is memory reuse alone),
 eager channels_last, torch.compile with inductor freezing, fastcount cpu fp32, fastcount cpu bf16 (if the CPU has
-native bf16). Then one training step (forward + backward + Adam) at 256x256,
+native bf16) with weights rounded to nearest, and with the count-calibrated rounding
+(``calibrate_bf16`` on 10 other VGG images; same speed, smaller count error). Then one training step (forward + backward + Adam) at 256x256,
 eager vs FFT large convs.
 
 extra_info of every row: ``mpx_per_s``, ``seconds`` (median), ``ratio_to_eager``
@@ -37,7 +38,8 @@ from fastcount.inference.memory import pooled
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "vgg_cells"
 SIZES = (256, 1024)
-VARIANTS = ("eager_nchw", "eager_pooled", "eager_channels_last", "compile_freezing", "cpu_fp32", "cpu_bf16")
+VARIANTS = ("eager_nchw", "eager_pooled", "eager_channels_last", "compile_freezing", "cpu_fp32", "cpu_bf16",
+            "cpu_bf16_calibrated")
 ROUNDS = {256: 5, 1024: 1}  # an eager 1024x1024 forward is ~25 s on 2 cores
 INTERLEAVED = {256: 3, 1024: 1}
 
@@ -96,8 +98,32 @@ def _runner(variant: str, model):
     if variant == "cpu_fp32":
         return fc_compile(model, backend="cpu", precision="fp32")
     if variant == "cpu_bf16":
-        return fc_compile(model, backend="cpu", precision="bf16")
+        return fc_compile(model, backend="cpu", precision="bf16", rounding=None)
+    if variant == "cpu_bf16_calibrated":
+        return fc_compile(model, backend="cpu", precision="bf16", rounding=_rounding(model))
     raise ValueError(variant)
+
+
+_roundings: dict[int, object] = {}
+
+
+def _rounding(model):
+    """bf16 rounding calibrated on 10 VGG images that are not in the benchmark image (101-110;
+    synthetic cells if the data is absent). Once per model: ~60 s at full width."""
+    if id(model) not in _roundings:
+        from fastcount.inference import calibrate_bf16
+
+        files = [SHARED / f"{i:03d}cell.png" for i in range(101, 111)]
+        if all(f.is_file() for f in files):
+            from PIL import Image
+
+            images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        else:
+            from fastcount.data.synth import cell_image
+
+            images = [cell_image(size=256, seed=1000 + k)[0] for k in range(10)]
+        _roundings[id(model)] = calibrate_bf16(model, images)
+    return _roundings[id(model)]
 
 
 def _count(y):
@@ -107,7 +133,7 @@ def _count(y):
 @pytest.mark.parametrize("size,variant", [(s, v) for s in SIZES for v in VARIANTS],
                          ids=[f"{s}-{v}" for s in SIZES for v in VARIANTS])
 def test_forward(benchmark, model, size, variant):
-    if variant == "cpu_bf16" and not bf16_supported():
+    if variant.startswith("cpu_bf16") and not bf16_supported():
         pytest.fail("this CPU has no native bf16; run the fp32 rows only (-k 'not bf16')")
     x = _image(size)
     run = _runner(variant, model)

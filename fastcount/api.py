@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -38,7 +39,9 @@ def image_to_tensor(image, in_channels: int = 3) -> torch.Tensor:
         if image.ndim != 3:
             raise ValueError(f"image must be HxW or HxWxC, got shape {image.shape}")
         scale = 1.0 / 257.0 if image.dtype == np.uint16 else 1.0
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32) * scale
+        with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: `* scale` makes a new tensor
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32) * scale
     elif isinstance(image, torch.Tensor):
         t = image
         if t.dim() == 3:

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if present")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the learning curves here (needs matplotlib)")
+    p.add_argument("--bf16-calibrate", type=int, default=8, metavar="N",
+                   help="store a bf16 rounding calibrated on N training images with the weights (0 = none)")
 
     p = sub.add_parser("evaluate", help="test MAE on the reference test set, or the whole protocol")
     _add_data_args(p)
@@ -119,6 +121,15 @@ def cmd_train(args):
     test = evaluate(res.model, ds, res.split["test"], args.device)
     print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
           f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
+    if args.bf16_calibrate > 0:
+        from .inference import calibrate_bf16
+        from .io import load_model, save_model
+
+        best = load_model(args.out)
+        names = res.split["train"][: args.bf16_calibrate]
+        best.bf16_rounding = calibrate_bf16(best, [ds[i][0] for i in names], progress=not args.quiet)
+        save_model(best, args.out, metadata=best.metadata)
+        print(f"bf16 rounding calibrated on {len(names)} training images -> {args.out}")
     if args.plot:
         from .plots import plot_learning_curves
 

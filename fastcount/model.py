@@ -83,7 +83,13 @@ class CountCeption(nn.Module):
         stride: output stride s of the final 1x1 conv; must divide r.
         width: multiplies every conv's filter count (rounded, at least 1);
             geometry is unchanged, so tiny models keep the real receptive field.
+
+    ``bf16_rounding``: calibrated bf16 values for the folded weights
+    (:func:`fastcount.inference.calibrate_bf16`), or None. ``save_model`` stores
+    them, ``load_model`` restores them, the cpu backend's bf16 uses them.
     """
+
+    bf16_rounding = None
 
     def __init__(self, in_channels: int = 3, patch_size: int = 32, stride: int = 1, width: float = 1.0):
         super().__init__()

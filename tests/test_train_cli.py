@@ -78,6 +78,11 @@ def test_cli_train_and_evaluate(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "epoch 2/2" in r.stdout + r.stderr and "test MAE" in r.stdout
+    assert "bf16 rounding calibrated on 2 training images" in r.stdout
+    from fastcount.inference import fold
+
+    trained = load_model(out)
+    trained.bf16_rounding.check(fold(trained, torch.float64))  # stored with the weights, matching them
     from PIL import Image
 
     with Image.open(tmp_path / "c.png") as im:  # a real picture, not an empty file

@@ -17,8 +17,10 @@ import torch
 
 from ..model import CountCeption
 from .plan import FoldedConv, FoldedInception, Plan, fold
+from .rounding import Bf16Rounding, calibrate_bf16
 
-__all__ = ["compile", "available_backends", "fold", "Plan", "FoldedConv", "FoldedInception", "BACKENDS", "PRECISIONS"]
+__all__ = ["compile", "available_backends", "fold", "Plan", "FoldedConv", "FoldedInception", "BACKENDS", "PRECISIONS",
+           "Bf16Rounding", "calibrate_bf16"]
 
 BACKENDS = ("auto", "eager", "cpu", "triton")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,7 +69,7 @@ def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32",
     """Turn an eval-mode CountCeption into a fast inference callable (see module doc).
 
     ``options`` go to the chosen backend's ``build``: for "cpu" ``fft_size``, ``large``,
-    ``merge``, ``threads``, ``reuse_memory`` (see :func:`fastcount.inference.cpu.build`);
+    ``merge``, ``threads``, ``reuse_memory``, ``rounding`` (see :func:`fastcount.inference.cpu.build`);
     for "triton" ``tf32``.
     """
     if not isinstance(model, CountCeption):

@@ -32,6 +32,7 @@ bias); the count map is returned as float32 like ``model(x)``.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from ..model import CountCeption
 from .fft import SpectralConv
 from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
+from .rounding import Bf16Rounding
 
 __all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "PRECISIONS"]
 
@@ -229,7 +231,7 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self, plan: Plan, precision: str = "fp32", fft_size=None, large: str = "auto", merge="auto",
-                 threads: int | None = None, reuse_memory: bool = True):
+                 threads: int | None = None, reuse_memory: bool = True, rounding=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} for the cpu backend, got {precision!r}")
         if precision == "bf16" and not bf16_supported():
@@ -242,6 +244,15 @@ class CPUBackend:
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         if not isinstance(reuse_memory, bool):
             raise ValueError(f"reuse_memory must be True or False, got {reuse_memory!r}")
+        if rounding is not None:
+            if not isinstance(rounding, Bf16Rounding):
+                raise TypeError(f"rounding must be a Bf16Rounding or None, got {type(rounding).__name__}")
+            if precision != "bf16":
+                raise ValueError(f"rounding applies to precision='bf16' only, got precision={precision!r}")
+        # bf16 layers take their values from `rounded` (calibrated bf16 roundings, checked against
+        # the plan); FFT and fp32 layers keep the exact plan.
+        rounded = rounding.apply(plan) if rounding is not None else plan
+        self.rounding = rounding
         self.precision = precision
         self.reuse_memory = reuse_memory
         self.geometry = plan.geometry
@@ -253,14 +264,14 @@ class CPUBackend:
         if large == "auto":
             large = "fft"
 
-        layers = list(plan.layers)
+        layers, rlayers = list(plan.layers), list(rounded.layers)
         n_head = 0
         while n_head < len(layers) and isinstance(layers[-1 - n_head], FoldedConv) and layers[-1 - n_head].kernel == 1:
             n_head += 1
         body, head = layers[: len(layers) - n_head], layers[len(layers) - n_head :]
         self.ops = []
         merged, larges, n_large = [], [], 0
-        for layer in body:
+        for layer, rlayer in zip(body, rlayers):
             if isinstance(layer, FoldedInception):
                 if merge == "auto":
                     m_cost, s_cost = _merge_cost(layer.branch3.in_channels, layer.branch1.out_channels,
@@ -268,14 +279,15 @@ class CPUBackend:
                     do_merge = precision == "bf16" or m_cost <= s_cost
                 else:
                     do_merge = merge
-                self.ops.append(_Inception(layer, dtype, do_merge))
+                self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, do_merge))
                 merged.append(do_merge)
             elif layer.padding == 0 and layer.kernel > 1:
                 method = large if layer.kernel >= _MIN_FFT_KERNEL else "direct"
                 if amx_direct and method == "fft" and _amx_direct_cheaper(layer.in_channels, layer.out_channels, layer.kernel):
                     method = "direct"
                 size = fft_size[n_large] if isinstance(fft_size, (tuple, list)) else fft_size
-                self.ops.append(_Large(layer, dtype, method, size if method == "fft" else None))
+                src = rlayer if method == "direct" and precision == "bf16" else layer
+                self.ops.append(_Large(src, dtype, method, size if method == "fft" else None))
                 larges.append((layer.kernel, method))
                 n_large += 1
             else:
@@ -373,7 +385,11 @@ def build(model: CountCeption, precision: str = "fp32", device=None, **options) 
             cost model), ``large`` ("auto" | "fft" | "direct"), ``merge``
             ("auto" | True | False), ``threads`` (None = all cores), ``reuse_memory``
             (True: run inside :func:`fastcount.inference.memory.pooled`, so activations
-            reuse the previous call's memory instead of fresh page-faulted mmaps).
+            reuse the previous call's memory instead of fresh page-faulted mmaps),
+            ``rounding`` (bf16 only: a :class:`~fastcount.inference.rounding.Bf16Rounding`
+            from :func:`~fastcount.inference.calibrate_bf16`; None = round to nearest;
+            "auto" (default) = ``model.bf16_rounding`` if the model carries one, as
+            ``load_model`` attaches from the weights file, else nearest).
     """
     if not isinstance(model, CountCeption):
         raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")
@@ -385,4 +401,17 @@ def build(model: CountCeption, precision: str = "fp32", device=None, **options) 
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"device must be a CPU device for the cpu backend, got {device!r}")
     plan = fold(model, dtype=torch.float64).to("cpu")
-    return CPUBackend(plan, precision, **options)
+    rounding = options.pop("rounding", "auto")
+    if isinstance(rounding, str):
+        if rounding != "auto":
+            raise ValueError(f"rounding must be 'auto', None or a Bf16Rounding, got {rounding!r}")
+        rounding = getattr(model, "bf16_rounding", None) if precision == "bf16" else None
+        if rounding is not None:
+            try:
+                rounding.check(plan)
+            except ValueError as e:
+                # the weights changed since calibration (e.g. fine-tuned): say so, never use stale values
+                warnings.warn(f"model.bf16_rounding is stale, rounding bf16 weights to nearest instead: {e}",
+                              stacklevel=3)
+                rounding = None
+    return CPUBackend(plan, precision, rounding=rounding, **options)
