@@ -84,6 +84,25 @@ def _merge_cost(cin: int, a: int, b: int) -> tuple[float, float]:
     return merged, split
 
 
+# Inception merge choice in bf16 on AMX CPUs: a roofline per conv, max(multiply-adds / rate,
+# bytes / bandwidth), plus a read and a write of the output for the torch.cat of a split block.
+# Measured per block at 305x305, full width: AMX convs run ~0.6 T MAC/s, passes ~10 GB/s.
+# AMX makes the merged block's extra multiply-adds (9x the 1x1 branch's) nearly free where the
+# block is memory-bound, but not for 160 -> 64+32 (12.0-12.8 ms split, 20.8-21.1 ms merged).
+_AMX_MACS_PER_NS = 600.0
+_BF16_BYTES_PER_NS = 10.0
+
+
+def _merge_cost_bf16(cin: int, a: int, b: int) -> tuple[float, float]:
+    """(merged, split) modelled ns per pixel of one Inception block in bf16 on AMX."""
+    def conv(k, cout):
+        return max(k * k * cin * cout / _AMX_MACS_PER_NS, 2 * (cin + cout) / _BF16_BYTES_PER_NS)
+
+    merged = conv(3, a + b)
+    split = conv(1, a) + conv(3, b) + 2 * 2 * (a + b) / _BF16_BYTES_PER_NS
+    return merged, split
+
+
 # Large-conv choice in bf16 on AMX CPUs, per output pixel (ns), fitted to per-layer times on
 # the 2-core AMX machine at 256x256 and 1024x1024 (benchmarks/cpu_layers.py --bf16-fft):
 # oneDNN's direct AMX conv runs ~1 TMAC/s; the fp32 FFT path costs a per-channel part
@@ -260,7 +279,8 @@ class CPUBackend:
         self.threads = threads
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.dtype = dtype
-        amx_direct = large == "auto" and precision == "bf16" and amx_supported()
+        amx = precision == "bf16" and amx_supported()
+        amx_direct = large == "auto" and amx
         if large == "auto":
             large = "fft"
 
@@ -274,9 +294,13 @@ class CPUBackend:
         for layer, rlayer in zip(body, rlayers):
             if isinstance(layer, FoldedInception):
                 if merge == "auto":
-                    m_cost, s_cost = _merge_cost(layer.branch3.in_channels, layer.branch1.out_channels,
-                                                 layer.branch3.out_channels)
-                    do_merge = precision == "bf16" or m_cost <= s_cost
+                    shape = (layer.branch3.in_channels, layer.branch1.out_channels, layer.branch3.out_channels)
+                    if precision == "bf16":
+                        # without AMX (AVX512-BF16 only) multiply-adds are dear: merge only if cheaper in fp32 terms
+                        m_cost, s_cost = _merge_cost_bf16(*shape) if amx else _merge_cost(*shape)
+                    else:
+                        m_cost, s_cost = _merge_cost(*shape)
+                    do_merge = m_cost <= s_cost
                 else:
                     do_merge = merge
                 self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, do_merge))
