@@ -74,6 +74,18 @@ def _replace(plan: Plan, new: dict[str, FoldedConv]) -> Plan:
     return Plan(tuple(layers), plan.geometry, plan.in_channels)
 
 
+def _forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """plan.reference(x), with the large valid convs by FFT (differentiable; ~3x faster backward on a CPU)."""
+    from .fft import fft_conv2d
+
+    for layer in plan.layers:
+        if isinstance(layer, FoldedConv) and layer.padding == 0 and layer.kernel >= 5 and min(x.shape[2:]) >= layer.kernel:
+            x = torch.nn.functional.leaky_relu(fft_conv2d(x, layer.weight, layer.bias), layer.slope)
+        else:
+            x = layer.reference(x)
+    return x
+
+
 def _neighbours(exact: torch.Tensor):
     """(nearest bf16, the bf16 neighbour on the other side of ``exact``), as float64."""
     exact = exact.to(torch.float64)
@@ -222,7 +234,7 @@ def calibrate_bf16(model: CountCeption, images, progress: bool = False) -> Bf16R
         it = tqdm(xs, desc="bf16 calibration", unit="image")
     with torch.enable_grad():
         for x in it:
-            count = live.reference(x).sum() / redundancy
+            count = _forward(live, x).sum() / redundancy
             grads.append([g.detach().double() for g in torch.autograd.grad(count, flat)])
 
     tensors, before, after = {}, 0.0, 0.0
