@@ -47,6 +47,16 @@ def _add_count_args(p, tile=1024):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _count_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -60,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if present")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the learning curves here (needs matplotlib)")
-    p.add_argument("--bf16-calibrate", type=int, default=8, metavar="N",
+    p.add_argument("--bf16-calibrate", type=_count_arg, default=8, metavar="N",
                    help="store a bf16 rounding calibrated on N training images with the weights (0 = none)")
 
     p = sub.add_parser("evaluate", help="test MAE on the reference test set, or the whole protocol")

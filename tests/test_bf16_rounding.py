@@ -9,6 +9,7 @@ from conftest import randomize_bn
 import fastcount.inference.cpu as cpu
 from fastcount.inference import Bf16Rounding, calibrate_bf16, fold
 from fastcount.inference.cpu import CPUBackend, bf16_supported, build
+from fastcount.inference.rounding import _convs as _convs_by_name
 from fastcount.inference.rounding import _neighbours, _null_first_order, bf16_layer_names
 from fastcount.io import load_model, save_model
 from fastcount.model import CountCeption
@@ -81,12 +82,6 @@ def test_calibrated_values_are_bf16_neighbours(calibrated):
     assert changed > 0  # some parameters were rounded the other way
     assert r.info["images"] == 3
     assert r.info["first_order_error_calibrated"] < 0.05 * r.info["first_order_error_nearest"]
-
-
-def _convs_by_name(plan):
-    from fastcount.inference.rounding import _convs
-
-    return _convs(plan)
 
 
 def test_calibration_reduces_the_count_error_in_float64(calibrated):

@@ -61,25 +61,23 @@ def _convs(plan: Plan) -> dict[str, FoldedConv]:
 
 
 def _replace(plan: Plan, new: dict[str, FoldedConv]) -> Plan:
-    def pick(name, conv):
-        return new.get(name, conv)
-
     layers = []
     for i, layer in enumerate(plan.layers):
         if isinstance(layer, FoldedInception):
-            layers.append(FoldedInception(pick(f"layers.{i}.branch1", layer.branch1),
-                                          pick(f"layers.{i}.branch3", layer.branch3)))
+            layers.append(FoldedInception(new.get(f"layers.{i}.branch1", layer.branch1),
+                                          new.get(f"layers.{i}.branch3", layer.branch3)))
         else:
-            layers.append(pick(f"layers.{i}", layer))
+            layers.append(new.get(f"layers.{i}", layer))
     return Plan(tuple(layers), plan.geometry, plan.in_channels)
 
 
 def _forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """plan.reference(x), with the large valid convs by FFT (differentiable; ~3x faster backward on a CPU)."""
+    from .cpu import _MIN_FFT_KERNEL  # the cpu backend's rule for which convs run by FFT
     from .fft import fft_conv2d
 
     for layer in plan.layers:
-        if isinstance(layer, FoldedConv) and layer.padding == 0 and layer.kernel >= 5 and min(x.shape[2:]) >= layer.kernel:
+        if isinstance(layer, FoldedConv) and layer.padding == 0 and layer.kernel >= _MIN_FFT_KERNEL:
             x = torch.nn.functional.leaky_relu(fft_conv2d(x, layer.weight, layer.bias), layer.slope)
         else:
             x = layer.reference(x)
