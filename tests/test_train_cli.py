@@ -173,3 +173,26 @@ def test_head_init_starts_at_the_target_density(small_vgg):
     with torch.no_grad():
         pred2 = float(redundant_count(m2(x), 32, 1).sum())
     assert abs(pred2 - truth) > 0.5 * truth, (pred2, truth)
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path, small_vgg, one_thread):
+    """1 epoch + 1 resumed epoch == 2 straight epochs: weights, best model, optimizer, RNG, history."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(n_train=3, n_val=1, epochs=2, crop=40, width=0.0625, batch_size=2, seed=3, bn_recal=2)
+    quiet = dict(progress=False, log=lambda s: None)
+    straight = train(small_vgg, cfg, out=tmp_path / "a.safetensors", **quiet)
+    train(small_vgg, cfg, out=tmp_path / "b.safetensors", epochs=1, **quiet)
+    logs = []
+    resumed = train(small_vgg, cfg, out=tmp_path / "b.safetensors", resume=True, progress=False, log=logs.append)
+    assert "resumed" in logs[0] and "at epoch 1" in logs[0]
+    # the checkpoints hold the last-epoch weights, the best weights, Adam's moments and the RNG
+    ca, cb = load_file(tmp_path / "a.safetensors.ckpt"), load_file(tmp_path / "b.safetensors.ckpt")
+    assert ca.keys() == cb.keys() and any(k.startswith("optim.") for k in ca) and "rng" in ca
+    unequal = [k for k in ca if not torch.equal(ca[k], cb[k])]
+    assert not unequal, unequal
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    untimed = [[{k: v for k, v in rec.items() if k != "seconds"} for rec in h] for h in (straight.history, resumed.history)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    assert (straight.best_epoch, straight.best_val_mae) == (resumed.best_epoch, resumed.best_val_mae)
