@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .io import save_model
 from .model import CountCeption
+from .api import image_to_tensor
 from .ops import make_targets, redundant_count
 
 __all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
@@ -112,7 +113,7 @@ def _resolve_device(device) -> torch.device:
 
 
 def _to_tensor_image(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32)
+    return image_to_tensor(img)[0]
 
 
 @torch.inference_mode()

@@ -1,7 +1,8 @@
 """Datasets of images with dot annotations.
 
 ``load_dataset(name, root)`` returns a ``DotDataset``: a sequence of
-``(image HxWx3 uint8, dots HxW int64)`` pairs in sorted file order.
+``(image HxWx3, dots HxW int64)`` pairs in sorted file order; images are uint8 (float32 0..255
+for 16-bit files, by the pixel rule of ``fastcount.pixels``).
 
 Dot annotations are read from
 - exact dot images: RGB with pure red dots (255, 0, 0) (VGG cells), or
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..pixels import read_image_file
 
 __all__ = ["DotDataset", "load_dataset", "read_image", "read_dots", "TEST_SIZE", "DATASETS"]
 
@@ -69,25 +72,9 @@ class DotDataset(Sequence):
 
 
 def read_image(path) -> np.ndarray:
-    """An image file as HxWx3 uint8 (grayscale repeated, alpha dropped, 16-bit scaled)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                a = np.clip(a / 257.0 if a.max() > 255 else a, 0, 255).round().astype(np.uint8)
-                return np.repeat(a[:, :, None], 3, axis=2)
-            a = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from e
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"image {path} is empty")
-    return np.array(a, copy=True, order="C")  # PIL arrays are read-only
+    """An image file as HxWx3 0..255 intensities by the one pixel rule of ``fastcount.pixels``:
+    uint8 for 8-bit files, float32 for 16-bit (x / 257) and float files."""
+    return read_image_file(path)
 
 
 def _redness(a: np.ndarray) -> np.ndarray:
@@ -179,7 +166,7 @@ def _halve(image: np.ndarray, dots: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     h2, w2 = dots.shape[0] // 2, dots.shape[1] // 2
     img = image.reshape(h2, 2, w2, 2, 3).astype(np.float32).mean(axis=(1, 3))
     d = dots.reshape(h2, 2, w2, 2).sum(axis=(1, 3))
-    return np.round(img).astype(np.uint8), d
+    return (np.round(img).astype(np.uint8) if image.dtype == np.uint8 else img), d
 
 
 def _resolve_root(root, name) -> Path:

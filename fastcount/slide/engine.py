@@ -31,7 +31,8 @@ from ..inference import compile as compile_backend
 from ..model import CountCeption
 from .mask import SlideMask, auto_mask, prepare_mask
 from .plan import Tile, check_tile, plan_tiles
-from .readers import ArrayReader, SlideReader, open_reader, to_rgb
+from ..pixels import to_intensities
+from .readers import ArrayReader, SlideReader, open_reader
 from .result import SlideCount
 
 __all__ = ["count_slide", "read_thumbnail", "peak_rss_mb", "reset_peak_rss"]
@@ -98,7 +99,7 @@ def read_thumbnail(reader: SlideReader, level: int = 0, max_side: int = THUMB_SI
         a = reader.array[::f, ::f]
         if hasattr(a, "compute"):
             a = a.compute()
-        return _as_u8(to_rgb(np.asarray(a), reader.name))
+        return _as_u8(to_intensities(np.asarray(a), reader.name))
     src = thumbnail_level(reader, level, max_side)
     h, w = reader.level_shapes[src]
     f = max(1, math.ceil(max(h, w) / max_side))
@@ -236,8 +237,7 @@ def _fill_thumbnail(thumb: np.ndarray, f: int, t: Tile, a: np.ndarray):
 
 def _read_batch(reader: SlideReader, level: int, tiles: list[Tile], pin: bool, thumb=None) -> torch.Tensor:
     h, w = tiles[0].in_shape
-    dt = np.float32 if reader.dtype == np.float32 else np.uint8
-    buf = np.empty((len(tiles), h, w, 3), dtype=dt)
+    buf = np.empty((len(tiles), h, w, 3), dtype=reader.dtype)
     for k, t in enumerate(tiles):
         buf[k] = reader.read_region(level, t.iy0, t.ix0, h, w)
         if thumb is not None:
@@ -256,8 +256,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
         source: a path (OpenSlide formats: SVS, NDPI, MRXS, DICOM, generic
             tiled TIFF; OME-/pyramidal TIFF through tifffile; PNG/JPEG), a
             numpy array (HxW or HxWxC), a zarr array or a dask array. Pixels
-            are converted as described in ``fastcount.slide.readers``
-            (grayscale -> RGB, alpha dropped, uint16 / 257).
+            are converted by the one pixel rule of ``fastcount.pixels``.
         model: a ``CountCeption``, a weights path, or None for the default weights.
         level: pyramid level to count at. ``mpp``: instead of ``level``, the
             target microns per pixel (the level closest to it is used).
@@ -526,6 +525,6 @@ def _run(reader, model, *, lvl_args, tile, batch_size, dev, backend, precision, 
     }
     return SlideCount(
         total=total, density=density, cell=cell, stats=stats, source=reader.name, level=lvl, shape=(H, W),
-        downsample=float(reader.downsamples[lvl]), patch_size=g.r, stride=g.stride, mpp=reader.mpp,
-        thumbnail=thumb,
+        downsample=float(reader.downsamples[lvl]), level0_shape=tuple(reader.level_shapes[0]), patch_size=g.r,
+        stride=g.stride, mpp=reader.mpp, thumbnail=thumb,
     )

@@ -6,14 +6,10 @@ Every reader exposes ``level_count``, ``level_shapes`` ((H, W) per level),
 decodes a whole level (plain PNG/JPEG images are the exception: they have no
 tiles, so PIL decodes them once).
 
-Pixel conversions (the same for every reader):
-- grayscale (HxW or HxWx1) is repeated to 3 channels; RGBA / 4+ channels keep
-  the first three (alpha dropped; OpenSlide's premultiplied-alpha RGBA is
-  composited on white where alpha < 255, as OpenSlide recommends);
-- uint8 is used as is; uint16 is scaled to 0..255 by ``x / 257`` and rounded;
-  other integer dtypes must already lie in 0..255; float arrays are taken as
-  0..255 intensities unchanged (float32) so that array inputs count exactly
-  as ``model(tensor)`` would; bool and complex are rejected.
+Pixels follow the one rule of ``fastcount.pixels`` (grayscale repeated to RGB,
+alpha dropped, uint16 / 257 as float32, other integers and floats must lie in
+0..255); OpenSlide's premultiplied-alpha RGBA is composited on white where
+alpha < 255, as OpenSlide recommends.
 """
 from __future__ import annotations
 
@@ -23,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..pixels import intensity_dtype, read_image_file, to_intensities
+
 __all__ = ["SlideReader", "ArrayReader", "TiffReader", "OpenSlideReader", "ImageReader", "open_reader",
-           "SlideReadError", "to_rgb", "OPENSLIDE_EXTS"]
+           "SlideReadError", "OPENSLIDE_EXTS"]
 
 OPENSLIDE_EXTS = (".svs", ".ndpi", ".mrxs", ".dcm", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".tif", ".tiff")
 TIFF_EXTS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".qptiff")
@@ -33,35 +31,6 @@ PIL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 class SlideReadError(ValueError):
     """A slide could not be opened or a region of it could not be decoded."""
-
-
-def to_rgb(a: np.ndarray, name: str = "image") -> np.ndarray:
-    """Convert a region to (h, w, 3) uint8 (or float32 for float sources); see module doc."""
-    a = np.asarray(a)
-    if a.dtype == np.bool_ or a.dtype.kind not in "uif":
-        raise TypeError(f"{name} must hold uint8/uint16/integer or float intensities, got dtype {a.dtype}")
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3:
-        raise ValueError(f"{name} must be HxW or HxWxC, got {a.ndim} dimensions (shape {a.shape})")
-    c = a.shape[2]
-    if c == 1:
-        a = np.repeat(a, 3, axis=2)
-    elif c >= 3:
-        a = a[:, :, :3]
-    else:
-        raise ValueError(f"{name} must have 1, 3 or 4 channels, got {c} (shape {a.shape})")
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if a.dtype == np.uint16:
-        return np.round(a.astype(np.float32) / 257.0).astype(np.uint8)
-    if a.dtype.kind == "f":
-        if a.size and not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-        return np.ascontiguousarray(a, dtype=np.float32)
-    if a.size and (a.min() < 0 or a.max() > 255):
-        raise ValueError(f"{name} has dtype {a.dtype} with values outside 0..255; pass uint8, uint16 or 0..255 data")
-    return a.astype(np.uint8)
 
 
 class SlideReader:
@@ -82,6 +51,7 @@ class SlideReader:
 
     @property
     def dtype(self):
+        """The dtype ``read_region`` returns: uint8, or float32 for 16-bit and float sources."""
         return np.uint8
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -98,7 +68,7 @@ class SlideReader:
         except Exception as e:  # decoder errors come in library-specific types
             raise SlideReadError(f"cannot read region (y={y}, x={x}, h={h}, w={w}) of level {level} of {self.name}: "
                                  f"{type(e).__name__}: {e}") from e
-        a = to_rgb(a, self.name)
+        a = to_intensities(a, self.name)
         if a.shape[:2] != (h, w):
             raise SlideReadError(f"{self.name}: reader returned {a.shape[:2]} for a {h}x{w} region")
         return a
@@ -140,17 +110,14 @@ class ArrayReader(SlideReader):
             raise ValueError(f"{name} must have 1, 3 or 4 channels, got shape {tuple(shape)}")
         if shape[0] < 1 or shape[1] < 1:
             raise ValueError(f"{name} is empty: shape {tuple(shape)}")
-        dt = np.dtype(dtype)
-        if dt == np.bool_ or dt.kind not in "uif":
-            raise TypeError(f"{name} must hold uint8/uint16/integer or float intensities, got dtype {dt}")
+        self._dtype = intensity_dtype(dtype, name)
         self.array = array
         self.name = name
         self.level_shapes = [(int(shape[0]), int(shape[1]))]
-        self._float = dt.kind == "f"
 
     @property
     def dtype(self):
-        return np.float32 if self._float else np.uint8
+        return self._dtype
 
     def _read(self, level, y, x, h, w):
         a = self.array[y : y + h, x : x + w]
@@ -182,6 +149,10 @@ class TiffReader(SlideReader):
             raise SlideReadError(f"{path}: unsupported TIFF layout {axes!r} (expected a 2-D RGB or grayscale image)")
         lead = len(axes) - (3 if axes.endswith("YXS") else 2)
         self._lead = (0,) * lead  # first plane of any extra leading axes (T/C/Z)
+        try:
+            self._dtype = intensity_dtype(series.dtype, self.name)
+        except TypeError as e:
+            raise SlideReadError(str(e)) from e
         ydim = lead
         self.level_shapes = [(int(lv.shape[ydim]), int(lv.shape[ydim + 1])) for lv in levels]
         self._zarr = {}
@@ -205,6 +176,10 @@ class TiffReader(SlideReader):
                     z = zarr.open(self._tif.aszarr(series=0, level=level), mode="r")
                     self._zarr[level] = z
         return z
+
+    @property
+    def dtype(self):
+        return self._dtype
 
     def _read(self, level, y, x, h, w):
         return np.asarray(self._level(level)[self._lead + (slice(y, y + h), slice(x, x + w))])
@@ -289,30 +264,17 @@ class ImageReader(SlideReader):
     """PNG / JPEG / BMP and other PIL images: decoded once (they have no tiles)."""
 
     def __init__(self, path):
-        from PIL import Image, UnidentifiedImageError
-
         self.path = Path(path)
         self.name = str(path)
-        Image.MAX_IMAGE_PIXELS = None  # our own inputs; the size check below is ours
         try:
-            with Image.open(self.path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    a = np.asarray(im).astype(np.uint16 if im.mode.startswith("I;16") else np.int64)
-                    if a.dtype == np.int64:
-                        a = (a / 257.0).round().clip(0, 255).astype(np.uint8) if a.max() > 255 else a.astype(np.uint8)
-                elif im.mode in ("L", "RGB", "RGBA", "LA"):
-                    a = np.asarray(im)
-                    if im.mode == "LA":
-                        a = a[:, :, 0]
-                else:
-                    a = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise SlideReadError(f"cannot read {path} as an image: {e}") from e
-        if a.shape[0] == 0 or a.shape[1] == 0:
-            raise SlideReadError(f"image {path} is empty")
-        self._a = to_rgb(a, str(path))
+            self._a = read_image_file(self.path)
+        except (ValueError, TypeError) as e:
+            raise SlideReadError(str(e)) from e
         self.level_shapes = [self._a.shape[:2]]
+
+    @property
+    def dtype(self):
+        return self._a.dtype.type
 
     def _read(self, level, y, x, h, w):
         return self._a[y : y + h, x : x + w]

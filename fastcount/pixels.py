@@ -1,0 +1,171 @@
+"""The one pixel rule: how every entry point turns image data into 0..255 intensities.
+
+The network was trained on raw 8-bit intensities, so everything it sees is
+put on that scale, by this module only (``count_image``, every slide reader,
+the dataset loaders and training all call it):
+
+- uint8: used as is;
+- uint16: ``x / 257`` as float32 (0 -> 0, 257 -> 1, 65535 -> 255; not rounded,
+  so no 16-bit detail is lost);
+- other integer dtypes (int8..int64, uint32, uint64): used as is when every
+  value lies in 0..255, refused otherwise (rescale them yourself: we cannot
+  know their range);
+- float dtypes: 0..255 intensities used unchanged (as float32); NaN,
+  infinities or values outside 0..255 are refused (a 0..1 image must be
+  multiplied by 255 first);
+- bool and complex: refused;
+- channels: grayscale (HxW or HxWx1) is repeated to 3, 4+ channels keep the
+  first three (alpha dropped), 2 channels are refused.
+
+Every conversion returns uint8 when the source holds 8-bit values and float32
+otherwise (``intensity_dtype`` says which, from the dtype alone).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["UINT16_SCALE", "intensity_dtype", "to_intensities", "tensor_to_intensities", "read_image_file"]
+
+UINT16_SCALE = 257.0  # 65535 / 255: maps the full 16-bit range onto 0..255
+
+
+def _check_dtype(dtype: np.dtype, name: str):
+    if dtype == np.bool_ or dtype.kind not in "uif":
+        raise TypeError(f"{name} must hold uint8, uint16, integer (0..255) or float (0..255) intensities, "
+                        f"got dtype {dtype}")
+
+
+def intensity_dtype(dtype, name: str = "image") -> type:
+    """The dtype ``to_intensities`` returns for a source of ``dtype``: uint8 or float32."""
+    dtype = np.dtype(dtype)
+    _check_dtype(dtype, name)
+    return np.float32 if dtype == np.uint16 or dtype.kind == "f" else np.uint8
+
+
+def _check_range(lo: float, hi: float, dtype, name: str):
+    if not (0 <= lo and hi <= 255):
+        what = "float" if np.dtype(dtype).kind == "f" else "integer"
+        raise ValueError(f"{name} has {what} values in [{lo:g}, {hi:g}], outside 0..255 (dtype {dtype}); "
+                         f"pass uint8, uint16, or {what}s scaled to 0..255")
+
+
+def _three_channels(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be HxW or HxWxC, got shape {a.shape}")
+    c = a.shape[2]
+    if c == 1:
+        return np.repeat(a, 3, axis=2)
+    if c >= 3:
+        return a[:, :, :3]
+    raise ValueError(f"{name} must have 1, 3 or 4 channels, got {c} (shape {a.shape})")
+
+
+def to_intensities(a, name: str = "image") -> np.ndarray:
+    """An ``HxW`` / ``HxWxC`` array as a contiguous ``(H, W, 3)`` array of 0..255 intensities
+    (uint8, or float32 for uint16 and float sources); see the module doc for the rule."""
+    a = np.asarray(a)
+    _check_dtype(a.dtype, name)
+    a = _three_channels(a, name)
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / np.float32(UINT16_SCALE)
+    if a.size:
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        _check_range(float(a.min()), float(a.max()), a.dtype, name)
+    return np.ascontiguousarray(a, dtype=intensity_dtype(a.dtype))
+
+
+_TORCH_UINT16 = getattr(torch, "uint16", None)
+
+
+def tensor_to_intensities(t: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """A tensor of pixels as float32 0..255 intensities, by the same dtype rule as ``to_intensities``
+    (shape untouched: channel handling is the caller's, as tensors are CHW)."""
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must hold uint8, uint16, integer (0..255) or float (0..255) intensities, "
+                        f"got dtype {t.dtype}")
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32)
+    if _TORCH_UINT16 is not None and t.dtype == _TORCH_UINT16:
+        return t.to(torch.float32) / UINT16_SCALE
+    if t.numel():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        lo, hi = torch.aminmax(t)
+        _check_range(float(lo), float(hi), "float" if t.is_floating_point() else "int", name)
+    return t.to(torch.float32)
+
+
+def _pil_sixteen_bit_rgb(im) -> bool:
+    """True when PIL would decode this file's 16-bit colour samples to 8 bits (it keeps the high byte)."""
+    for tile in getattr(im, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+        if isinstance(raw, str) and ";16" in raw and im.mode in ("RGB", "RGBA", "RGBX"):
+            return True
+    return False
+
+
+def _read_sixteen_bit_rgb(path: Path) -> np.ndarray:
+    try:
+        import imagecodecs
+    except ImportError as e:
+        raise ValueError(f"{path} holds 16-bit colour, which PIL can only read as 8-bit; "
+                         f"install imagecodecs (pip install 'fastcount[slides]') to read it exactly") from e
+    return np.asarray(imagecodecs.imread(str(path)))
+
+
+def read_image_file(path, name: str | None = None) -> np.ndarray:
+    """Decode an image file (PNG, JPEG, TIFF, BMP, ...) keeping its bit depth, then apply the pixel rule.
+
+    Returns ``(H, W, 3)`` uint8 for 8-bit files and float32 0..255 for 16-bit
+    and float files. Raises ``ValueError`` naming the file when it cannot be
+    decoded, ``FileNotFoundError`` when it does not exist.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    name = name or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    Image.MAX_IMAGE_PIXELS = None  # our own inputs: a slide-sized PNG is legitimate
+    try:
+        with Image.open(path) as im:
+            if _pil_sixteen_bit_rgb(im):
+                a = _read_sixteen_bit_rgb(path)
+            else:
+                im.load()
+                a = _pil_array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError,
+            IndexError, KeyError, MemoryError, ZeroDivisionError, RuntimeError, AttributeError) as e:
+        # PIL's decoders raise many types on damaged files; all mean "not a readable image".
+        if isinstance(e, ValueError) and "imagecodecs" in str(e):
+            raise
+        raise ValueError(f"cannot read {path} as an image: {type(e).__name__}: {e}") from e
+    if a.ndim < 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"image {path} is empty")
+    return to_intensities(a, name)
+
+
+def _pil_array(im) -> np.ndarray:
+    """A decoded PIL image as a numpy array of its own sample type."""
+    if im.mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)  # byte order normalised
+    if im.mode == "I":
+        a = np.asarray(im)
+        # Pillow before 10.2 opened 16-bit grayscale PNGs as 32-bit "I".
+        return a.astype(np.uint16) if im.format == "PNG" else a
+    if im.mode == "F":
+        return np.asarray(im, dtype=np.float32)
+    if im.mode in ("L", "RGB", "RGBA"):
+        return np.asarray(im)
+    if im.mode == "LA":
+        return np.asarray(im)[:, :, 0]
+    return np.asarray(im.convert("RGB"))
