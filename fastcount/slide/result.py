@@ -4,7 +4,8 @@ The density grid sums the count map over ``cell x cell`` blocks of count-map
 pixels (divided by the redundancy), so it adds up to the total. Count-map
 pixel ``Y`` (full resolution) sees input rows ``Y - r .. Y``; its window is
 centred on image row ``Y - r/2``. Exports place block ``(i, j)`` over the
-image accordingly: level-0 rows ``(i * cell * s - r/2) * downsample`` onwards.
+image accordingly: level-0 rows ``(i * cell * s - r/2) * (H0 / H)`` onwards (each
+axis scales by its own level-0 / counted-level size ratio).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class SlideCount:
     level: int = 0
     shape: tuple = (0, 0)  # (H, W) at the counted level
     downsample: float = 1.0  # counted level -> level 0
+    level0_shape: tuple | None = None  # (H, W) at level 0; None: taken as shape * downsample
     patch_size: int = 32
     stride: int = 1
     mpp: float | None = None
@@ -69,6 +71,14 @@ class SlideCount:
                 f"shape={tuple(self.shape)}, density={self.density.shape}, cell={self.cell})")
 
     # ----------------------------------------------------------------- geometry of blocks
+
+    def level0_scale(self) -> tuple[float, float]:
+        """(y, x) factors from counted-level to level-0 pixels. Pyramid levels round their
+        sides, so each axis has its own ratio; the mean ``downsample`` would push the far
+        edge past the level-0 image."""
+        if self.level0_shape is None:
+            return float(self.downsample), float(self.downsample)
+        return self.level0_shape[0] / self.shape[0], self.level0_shape[1] / self.shape[1]
 
     def block_box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """Image box (y0, x0, y1, x1) of density block (i, j) at the counted level, clipped to the image."""
@@ -94,6 +104,7 @@ class SlideCount:
             "level": self.level,
             "shape": list(self.shape),
             "downsample": self.downsample,
+            "level0_shape": None if self.level0_shape is None else list(self.level0_shape),
             "mpp": self.mpp,
             "patch_size": self.patch_size,
             "stride": self.stride,
@@ -117,15 +128,20 @@ class SlideCount:
     def to_geojson(self, path=None, min_count: float = 0.0) -> dict:
         """The density grid as a QuPath-importable GeoJSON FeatureCollection.
 
-        One square ``Polygon`` per block whose count exceeds ``min_count``, in
-        level-0 pixel coordinates (x, y), with ``properties.objectType = "tile"``
-        and a ``"Count"`` measurement (QuPath 0.4+ dict form).
+        One rectangular ``Polygon`` per block whose count exceeds ``min_count``
+        (a number; ``-inf`` keeps every block), in level-0 pixel coordinates
+        (x, y), with ``properties.objectType = "tile"`` and a ``"Count"``
+        measurement (QuPath 0.4+ dict form).
         """
+        if isinstance(min_count, bool) or not isinstance(min_count, (int, float, np.integer, np.floating)) \
+                or math.isnan(min_count):
+            raise TypeError(f"min_count must be a number (counts per block), got {min_count!r}")
         feats = []
-        ds = self.downsample
+        sy, sx = self.level0_scale()
         for i, j in zip(*np.nonzero(self.density > min_count)):
             y0, x0, y1, x1 = self.block_box(int(i), int(j))
-            ring = [[x0 * ds, y0 * ds], [x1 * ds, y0 * ds], [x1 * ds, y1 * ds], [x0 * ds, y1 * ds], [x0 * ds, y0 * ds]]
+            y0, y1, x0, x1 = y0 * sy, y1 * sy, x0 * sx, x1 * sx
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
             feats.append({
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
