@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import fastcount
+from fastcount.data import read_image
 from fastcount.inference import compile as fc_compile
 from fastcount.inference.cpu import bf16_supported
 from fastcount.inference.fft import use_fft_convs
@@ -52,9 +53,7 @@ def _image(size: int) -> torch.Tensor:
     files = sorted(SHARED.glob("*cell.png"))[:16]
     if not files:
         return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
-    from PIL import Image
-
-    tiles = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) for f in files]
+    tiles = [read_image(f).astype(np.float32) for f in files]
     k = max(1, size // tiles[0].shape[0])
     rows = [np.concatenate([tiles[(i * k + j) % len(tiles)] for j in range(k)], 1) for i in range(k)]
     img = np.concatenate(rows, 0)[:size, :size]
@@ -140,8 +139,8 @@ from fastcount.inference import calibrate_bf16
 path, shared = sys.argv[1], Path(sys.argv[2])
 files = [shared / f"{i:03d}cell.png" for i in range(101, 111)]
 if all(f.is_file() for f in files):
-    from PIL import Image
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    from fastcount.data import read_image
+    images = [read_image(f) for f in files]
 else:
     from fastcount.data.synth import cell_image
     images = [cell_image(size=256, seed=1000 + k)[0] for k in range(10)]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import fastcount
+from fastcount.data import read_image
 from fastcount.inference import calibrate_bf16
 from fastcount.inference import compile as fc_compile
 
@@ -29,9 +30,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "vgg
 
 
 def _read(name: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(DATA / name).convert("RGB"))
+    return read_image(DATA / name)
 
 
 def _names(spec: str, model) -> list[str]:
