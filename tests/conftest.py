@@ -21,11 +21,20 @@ DATASETS = SHARED / "datasets"
 SLIDES = SHARED / "fixtures" / "slides"
 
 HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+gpu = pytest.mark.gpu  # `-m gpu` selects these; without CUDA they report a skip
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 
