@@ -5,8 +5,10 @@
 Every fixture format (PNG, tiled TIFF, SVS, DICOM WSI from ../shared/fixtures/slides,
 plus a generated JPEG, 16-bit PNG, pyramidal SubIFD TIFF and JPEG-compressed OME-TIFF)
 is mutated by bit flips, header byte damage or truncation at a random offset, and each
-mutant is counted with ``count_slide`` (tiny random model, ``mask=None``, 256 px tiles).
-The first case of each format is the undamaged file, which must count. A case's time grows
+mutant is counted with ``count_slide`` (tiny random model, 256 px tiles), with ``mask=None``
+(every tile read) or ``mask="auto"`` (the tissue mask reads a coarser level first), drawn per
+case. The first two rounds are the undamaged files (no mask, then "auto"), which must count.
+A case's time grows
 with the pixels the file claims: a damaged size field can make a 96x96 JPEG decode (gray-
 filled) as 96x34400, or a TIFF claim 27744 rows of missing (zero-filled) tiles, and those
 are counted like any image, at ~0.3 Mpx/s for this model on one core.
@@ -93,14 +95,17 @@ def mutate(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, str]:
 
 
 def make_cases(corpus: dict[str, list[Path]], n: int, seed: int) -> list[dict]:
-    """``n`` cases cycling over the formats; the first round is the undamaged files."""
+    """``n`` cases cycling over the formats; the first two rounds are the undamaged files."""
     rng = random.Random(seed)
     names = sorted(corpus)
     cases = []
     for i in range(n):
         fmt = names[i % len(names)]
-        kind = "none" if i < len(names) else rng.choice(MUTATIONS)
-        cases.append({"case": i, "format": fmt, "mutation": kind, "seed": rng.randrange(2**32)})
+        if i < 2 * len(names):
+            kind, mask = "none", None if i < len(names) else "auto"
+        else:
+            kind, mask = rng.choice(MUTATIONS), rng.choice((None, "auto"))
+        cases.append({"case": i, "format": fmt, "mutation": kind, "mask": mask, "seed": rng.randrange(2**32)})
     return cases
 
 
@@ -151,7 +156,7 @@ def classify(fn) -> dict:
 
 
 def worker():
-    """Read case paths from stdin, one per line; answer one JSON line each."""
+    """Read cases ({"path", "mask"}) from stdin, one per line; answer one JSON line each."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # C libraries that print must not corrupt the answers
     try:
@@ -169,9 +174,9 @@ def worker():
     model = fastcount.CountCeption(width=0.0625).eval()
     out.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
-        path = json.loads(line)["path"]
-        res = classify(lambda: fastcount.count_slide(path, model, tile=256, mask=None, progress=False,
-                                                     backend="eager", workers=1))
+        case = json.loads(line)
+        res = classify(lambda: fastcount.count_slide(case["path"], model, tile=256, mask=case["mask"],
+                                                     progress=False, backend="eager", workers=1))
         out.write(json.dumps(res) + "\n")
 
 
@@ -201,9 +206,9 @@ class Worker:
             return "died"
         return json.loads(line)
 
-    def ask(self, path: Path, timeout: float) -> dict:
+    def ask(self, path: Path, timeout: float, mask=None) -> dict:
         try:
-            self.p.stdin.write(json.dumps({"path": str(path)}) + "\n")
+            self.p.stdin.write(json.dumps({"path": str(path), "mask": mask}) + "\n")
             self.p.stdin.flush()
         except BrokenPipeError:
             pass
@@ -253,7 +258,7 @@ def run(n_cases: int, seed: int = 0, timeout: float = 60.0, progress=None) -> di
                     w = Worker(tmp / "worker.log")
                 path = write_case(case, corpus, tmp / "cases")
                 t = time.perf_counter()
-                case.update(w.ask(path, timeout))
+                case.update(w.ask(path, timeout, case["mask"]))
                 case["seconds"] = round(time.perf_counter() - t, 3)
                 shutil.rmtree(path.parent, ignore_errors=True)
                 if progress:
@@ -265,7 +270,7 @@ def run(n_cases: int, seed: int = 0, timeout: float = 60.0, progress=None) -> di
     by_format = {f: dict(Counter(c["outcome"] for c in cases if c["format"] == f)) for f in sorted(corpus)}
     return {"cases": cases, "summary": {k: summary.get(k, 0) for k in ("counted", "named", "crash", "hang")},
             "by_format": by_format, "seconds": time.perf_counter() - t0,
-            "slowest": [{k: c.get(k) for k in ("case", "format", "damage", "outcome", "shape", "seconds")}
+            "slowest": [{k: c.get(k) for k in ("case", "format", "damage", "mask", "outcome", "shape", "seconds")}
                         for c in sorted(cases, key=lambda c: -c["seconds"])[:5]]}
 
 
@@ -283,7 +288,8 @@ def main(argv=None) -> int:
 
     def show(c):
         if c["outcome"] in ("crash", "hang"):
-            print(f"case {c['case']} {c['format']} {c['mutation']} ({c['damage']}): {c['outcome'].upper()}\n"
+            print(f"case {c['case']} {c['format']} {c['mutation']} ({c['damage']}, mask {c['mask']}): "
+                  f"{c['outcome'].upper()}\n"
                   f"  {c['error']}", flush=True)
         elif (c["case"] + 1) % 100 == 0:
             print(f"{c['case'] + 1} cases done", flush=True)

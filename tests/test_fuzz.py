@@ -52,12 +52,13 @@ def test_mutations_damage_the_bytes():
 
 
 def test_fuzzed_slides_count_or_raise_named_errors():
-    """64 cases over 8 formats: the 8 undamaged files count, then 56 mutants."""
+    """64 cases over 8 formats: the undamaged files count (16 cases), then 48 mutants."""
     r = fuzz.run(64, seed=13, timeout=60)
     bad = [c for c in r["cases"] if c["outcome"] in ("crash", "hang")]
     assert not bad, bad
-    first = r["cases"][: len(r["by_format"])]
+    first = r["cases"][: 2 * len(r["by_format"])]  # each format undamaged, without and with the tissue mask
     assert all(c["mutation"] == "none" and c["outcome"] == "counted" for c in first), first
+    assert {c["mask"] for c in first} == {None, "auto"}
     assert r["summary"]["named"] > 0 and len(r["by_format"]) == 8
     assert all(c["mutation"] in fuzz.MUTATIONS for c in r["cases"][len(first):])
 
