@@ -138,6 +138,15 @@ def test_demo_untrained_out_seed_heatmap(capsys, no_default_weights, tmp_path):
     assert truths[3] != truths[4]  # --seed picks another synthetic slide
 
 
+def test_demo_weights_option(capsys, model, weights, tmp_path):
+    code, out, err = run(capsys, "demo", "--weights", weights, "--size", 256, "--tile", 128, "--seed", 3,
+                         "--tissue-fraction", 0.3, "--out", tmp_path, "--heatmap", tmp_path / "h.png",
+                         "--backend", "eager", "--quiet")
+    assert code == 0, err
+    res = count_slide(tmp_path / "synthetic_256_seed3.tif", model, tile=128, progress=False, backend="eager")
+    assert f"count        {res.total:10.1f}\n" in out and "UNTRAINED" not in out
+
+
 # --------------------------------------------------------------------------- count
 
 
