@@ -157,11 +157,13 @@ def cmd_evaluate(args):
         print(f"{ds.name} N={args.n_train}: test MAE {r['mean']:.2f} +- {r['std']:.2f} over {args.splits} splits")
         return 0
     from .io import load_model
+    from .train import _resolve_device
 
-    model = load_model(args.weights, device="cpu" if args.device == "auto" else args.device)
+    device = _resolve_device("cpu" if args.device == "auto" else args.device)
+    model = load_model(args.weights, device=device)
     _, _, test_idx = split_indices(len(ds), ds.test_size, 0, 0, 0)
     test_idx = test_idx or list(range(len(ds)))
-    r = evaluate(model, ds, test_idx, args.device if args.device != "auto" else "cpu")
+    r = evaluate(model, ds, test_idx, device)
     print(f"{ds.name}: test MAE {r['mae']:.3f}, RMSE {r['rmse']:.3f}, on {r['n']} images")
     return 0
 

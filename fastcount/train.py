@@ -107,9 +107,9 @@ def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: 
 
 
 def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from .slide.engine import _resolve_device as resolve  # one rule (and error) for every device argument
+
+    return resolve(device)
 
 
 def _to_tensor_image(img: np.ndarray) -> torch.Tensor:

@@ -312,3 +312,45 @@ def test_train_bf16_calibrate_rejects_negatives(capsys, mini_mbm, tmp_path):
         build_parser().parse_args([str(a) for a in _train_args(mini_mbm, tmp_path / "w.safetensors",
                                                                "--bf16-calibrate", "-1")])
     assert "--bf16-calibrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_bad_device_is_a_clear_error(capsys, mini_mbm, tmp_path, command):
+    argv = [command, "--dataset", "mbm", "--data-root", mini_mbm, "--n-train", 2, "--n-val", 1, "--epochs", 1,
+            "--width", 0.0625, "--quiet"]
+    argv += ["--out", tmp_path / "w.safetensors"] if command == "train" else []
+    code, _, err = run(capsys, *argv, "--device", "nonsense")
+    assert code == 2 and "device must be 'auto', 'cpu', 'cuda'" in err and "nonsense" in err
+    assert not (tmp_path / "w.safetensors").exists()
+    if torch.cuda.is_available():
+        pytest.skip("--device cuda works on this machine (the no-CUDA error needs a machine without one)")
+    code, _, err = run(capsys, *argv, "--device", "cuda")
+    assert code == 2 and "CUDA is not available on this machine" in err
+
+
+def test_cli_entry_point_train_plot_bf16_and_evaluate(mini_mbm, tmp_path):
+    """`python -m fastcount` end to end: train with --plot and the bf16 calibration, then evaluate."""
+    import os
+
+    from fastcount.inference import fold
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the shared 2-core CI machine: no thread spin-waits
+    out = tmp_path / "cli.safetensors"
+    argv = [str(a) for a in _train_args(mini_mbm, out, "--epochs", 2, "--bf16-calibrate", 2, "--plot",
+                                        tmp_path / "c.png")]
+    r = subprocess.run([sys.executable, "-m", "fastcount", *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 2/2" in r.stdout + r.stderr and "test MAE" in r.stdout
+    assert "bf16 rounding calibrated on 2 training images" in r.stdout
+    trained = load_model(out)
+    trained.bf16_rounding.check(fold(trained, torch.float64))  # stored with the weights, matching them
+    with Image.open(tmp_path / "c.png") as im:  # a real picture, not an empty file
+        assert im.size[0] > 400 and len(np.unique(np.asarray(im.convert("L")))) > 10
+    r = subprocess.run([sys.executable, "-m", "fastcount", "evaluate", "--dataset", "mbm", "--data-root", str(mini_mbm),
+                        "--weights", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "mbm: test MAE" in r.stdout and "on 11 images" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root",
+                        str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 2 and "dataset folder not found" in r.stderr and "Traceback" not in r.stderr

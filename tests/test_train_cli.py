@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,8 @@ from fastcount.io import read_metadata
 from fastcount.train import TrainConfig, evaluate, split_indices, train
 
 from conftest import DATASETS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,34 +66,6 @@ def test_train_bad_config(small_vgg):
         train(small_vgg, TrainConfig(crop=-3), progress=False)
     with pytest.raises(TypeError, match="unknown training option"):
         train(small_vgg, TrainConfig(), progress=False, nonsense=1)
-
-
-def test_cli_train_and_evaluate(tmp_path):
-    out = tmp_path / "cli.safetensors"
-    root = str(DATASETS)
-    r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root", root,
-                        "--n-train", "2", "--n-val", "1", "--epochs", "1", "--crop", "40", "--width", "0.0625",
-                        "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out),
-                        "--epochs", "2", "--lr-schedule", "cosine", "--bn-recal", "2", "--plot", str(tmp_path / "c.png")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "epoch 2/2" in r.stdout + r.stderr and "test MAE" in r.stdout
-    assert "bf16 rounding calibrated on 2 training images" in r.stdout
-    from fastcount.inference import fold
-
-    trained = load_model(out)
-    trained.bf16_rounding.check(fold(trained, torch.float64))  # stored with the weights, matching them
-    from PIL import Image
-
-    with Image.open(tmp_path / "c.png") as im:  # a real picture, not an empty file
-        assert im.size[0] > 400 and len(np.unique(np.asarray(im.convert("L")))) > 10
-    r = subprocess.run([sys.executable, "-m", "fastcount", "evaluate", "--dataset", "vgg_cells", "--data-root", root,
-                        "--weights", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "test MAE" in r.stdout and "on 100 images" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "fastcount", "train", "--dataset", "vgg_cells", "--data-root",
-                        str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "dataset folder not found" in r.stderr
 
 
 def test_recalibrate_bn_averages_the_given_batches():
