@@ -1,5 +1,7 @@
 """count_slide engine: masks, skipped tiles never read, checkpoint/resume, exports, bounded memory, CLI."""
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -141,6 +143,118 @@ def test_reader_error_mid_run_propagates_cleanly(model):
     img = np.zeros((100, 100, 3), np.uint8)
     with pytest.raises(ValueError, match="disk on fire"):
         count_slide(Broken(open_reader(img)), model, tile=32, mask=None, progress=False, backend="eager")
+
+
+# --------------------------------------------------------------------------- mask correctness
+
+
+def test_auto_mask_density_is_whole_image_on_kept_tiles_and_no_cell_is_skipped(model, synth_slide):
+    from fastcount import redundant_count
+    from fastcount.data.synth import REACH
+    from fastcount.slide import plan_tiles
+
+    r = CountingReader(open_reader(synth_slide["path"]))
+    res = count_slide(r, model, tile=128, progress=False, backend="eager")
+    read = {(y, x, h, w) for lv, y, x, h, w in r.reads if lv == 0}
+    r.inner.close()
+    plan = plan_tiles(1024, 1024, 128, model.geometry)
+    kept = [t for t in plan.tiles if (t.iy0, t.ix0, t.iy1 - t.iy0, t.ix1 - t.ix0) in read]
+    assert len(kept) == res.stats["tiles_processed"] and res.stats["tiles_skipped"] > 0
+    # No true cell lies in a skipped tile's input box, nor close enough for its signal to reach it.
+    dots = synth_slide["slide"].dots()
+    m = math.ceil(REACH)
+    for t in plan.tiles:
+        if t not in kept:
+            assert dots[max(t.iy0 - m, 0) : t.iy1 + m, max(t.ix0 - m, 0) : t.ix1 + m].sum() == 0, t
+    # Kept blocks hold the whole-image density, every other block exactly 0.
+    with torch.inference_mode():
+        img = open_reader(synth_slide["path"]).read_region(0, 0, 0, 1024, 1024)
+        cm = model(torch.from_numpy(img).permute(2, 0, 1)[None].float())[0, 0].double()
+    keep = torch.zeros_like(cm, dtype=torch.bool)
+    for t in kept:
+        keep[t.gy0 : t.gy0 + t.cy1 - t.cy0, t.gx0 : t.gx0 + t.cx1 - t.cx0] = True
+    scale = float(cm.abs().sum()) / 1024
+    np.testing.assert_allclose(res.density, redundant_count(cm * keep, cell=res.cell).numpy(), rtol=0,
+                               atol=1e-5 * scale)
+    outside = redundant_count(keep.double(), cell=res.cell).numpy() == 0
+    assert outside.any() and (res.density[outside] == 0).all()
+    assert abs(res.total - float((cm * keep).sum()) / 1024) <= 1e-5 * scale
+
+
+# --------------------------------------------------------------------------- checkpoint: kill -9, corrupt files
+
+
+def _child_count(weights, source, ck, **kw):
+    """A script counting ``source`` with a checkpoint after every batch; reads slowed to 30 ms so
+    the run is still going when the test kills it."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return (
+        "import time, torch, fastcount; import fastcount.slide.engine as E; torch.set_num_threads(1); "
+        "_rb = E._read_batch; E._read_batch = lambda *a, **k: (time.sleep(0.03), _rb(*a, **k))[1]; "
+        f"m = fastcount.load_model({str(weights)!r}); "
+        f"fastcount.count_slide({str(source)!r}, m, progress=False, workers=1, checkpoint={str(ck)!r}, "
+        f"checkpoint_every=0, {args})"
+    )
+
+
+def _batches_done(ck) -> int:
+    """Finished batches in a checkpoint (0 while there is none yet; saves are atomic renames)."""
+    if not ck.exists():
+        return 0
+    with np.load(ck) as z:
+        return int(z["done"].sum())
+
+
+def test_sigkill_after_first_checkpoint_resumes_to_identical_total(model, synth_slide, tmp_path):
+    """kill -9 gives the process no chance to clean up: the last atomic save must be enough."""
+    import signal
+    import time
+
+    kw = dict(tile=128, mask="auto", backend="eager")
+    w = save_model(model, tmp_path / "w.safetensors")
+    ck = tmp_path / "ck.npz"
+    p = subprocess.Popen([sys.executable, "-c", _child_count(w, synth_slide["path"], ck, **kw)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while _batches_done(ck) == 0 and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, f"the counting process ended before it could be killed: {p.communicate()[1]}"
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    with np.load(ck) as z:
+        assert 0 < z["done"].sum() < len(z["done"])
+    ref = count_slide(synth_slide["path"], model, progress=False, **kw)
+    res = count_slide(synth_slide["path"], model, progress=False, checkpoint=ck, **kw)
+    assert res.stats["tiles_resumed"] > 0 and res.stats["tiles_skipped"] == ref.stats["tiles_skipped"] > 0
+    assert res.total == ref.total  # identical, not just close
+    np.testing.assert_allclose(res.density, ref.density, rtol=1e-12, atol=1e-12)
+
+
+def _damaged(good: bytes, damage: str) -> bytes:
+    if damage == "foreign":  # an npz with the right keys written by something else
+        import io
+
+        buf, z = io.BytesIO(), np.zeros(3)
+        np.savez(buf, fingerprint=np.array("not json"), done=z, sums=z, density=z)
+        return buf.getvalue()
+    return {"garbage": b"this is not a checkpoint" * 40, "empty": b"", "truncated": good[: len(good) // 2],
+            "cut short": good[:-20], "flipped": good[:100] + bytes(b ^ 0xFF for b in good[100:400]) + good[400:]}[damage]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "cut short", "flipped", "foreign"])
+def test_damaged_checkpoint_is_refused_and_left_alone(model, tmp_path, damage):
+    img = np.random.default_rng(6).integers(0, 256, (60, 70, 3), dtype=np.uint8)
+    ck = tmp_path / "run.npz"
+    kw = dict(tile=32, mask=None, progress=False, backend="eager")
+    with pytest.raises(KeyboardInterrupt):
+        count_slide(InterruptingReader(open_reader(img), after=2), model, checkpoint=ck, workers=1, queue_depth=1,
+                    **kw)
+    bad = _damaged(ck.read_bytes(), damage)
+    ck.write_bytes(bad)
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(ck))} is not a readable fastcount checkpoint"):
+        count_slide(img, model, checkpoint=ck, **kw)
+    assert ck.read_bytes() == bad  # never silently overwritten
 
 
 # --------------------------------------------------------------------------- exports

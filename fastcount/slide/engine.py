@@ -212,10 +212,13 @@ def _load_checkpoint(path: Path, fp: str, n_batches: int, n_tiles: int, dshape):
     try:
         with np.load(path, allow_pickle=False) as z:
             old_fp, done, sums, density = str(z["fingerprint"]), z["done"], z["sums"], z["density"]
+        a = json.loads(old_fp)
+        if not isinstance(a, dict):
+            raise ValueError("its fingerprint is not a run description")
     except Exception as e:
         raise ValueError(f"checkpoint {path} is not a readable fastcount checkpoint: {e}") from e
     if old_fp != fp:
-        a, b = json.loads(old_fp), json.loads(fp)
+        b = json.loads(fp)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise ValueError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)}); "
                          f"delete it or pass another checkpoint path")
