@@ -93,22 +93,24 @@ def test_public_api_names():
         assert hasattr(fastcount, name)
 
 
-def test_packaged_weights_count_vgg_test_images_within_recorded_mae():
-    """When default weights ship, their recorded test MAE must hold on VGG test images."""
-    if not default_weights_path().is_file():
-        with pytest.raises(FileNotFoundError, match="no packaged default weights"):
-            load_model()
-        return
+def test_packaged_weights_count_vgg_test_images_accurately():
+    """Quick check of the default weights on 10 held-out VGG images spread over the test set.
+
+    The README's figure (MAE 2.47 on all 100) is checked by the slow test in test_accuracy.py.
+    """
+    assert default_weights_path().is_file(), "fastcount ships default weights (fastcount/weights/)"
     from conftest import DATASETS
-    from fastcount.data import load_dataset
+    from fastcount.data import read_dots, read_image
 
     m = load_model()
-    mae = float(json.loads(m.metadata["test_mae"]))
-    ds = load_dataset("vgg_cells", DATASETS)
-    idx = list(range(190, 200))  # the last 10 of the held-out test set
-    errs = [abs(count_image(ds[i][0], m) - float(ds[i][1].sum())) for i in idx]
-    # 10 images scatter around the 100-image MAE: allow 2x plus a small absolute slack
-    assert float(np.mean(errs)) <= 2 * mae + 1.0, (errs, mae)
+    root = DATASETS / "vgg_cells"
+    errs = []
+    for i in range(101, 201, 10):
+        img = read_image(root / f"{i:03d}cell.png")
+        dots = read_dots(root / f"{i:03d}dots.png", img.shape[:2])
+        errs.append(abs(count_image(img, m) - float(dots.sum())))
+    # measured 2.36 on these 10; weights much worse than the README's 2.47 fail
+    assert float(np.mean(errs)) < 3.0, errs
 
 
 def test_packaged_weights_count_synthetic_vgg_style_cells():
