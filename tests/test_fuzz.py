@@ -77,3 +77,44 @@ def test_worker_reports_hangs_and_signals(tmp_path):
     r = w.ask(SLIDES / "boxes.png", timeout=60)
     assert r["outcome"] == "crash" and f"signal {int(signal.SIGSEGV)}" in r["error"]
     w.close()
+
+
+def _tiled_tiff(path, **overwrite):
+    """A 64x96 tiled RGB TIFF with some header fields overwritten (as a damaged header would)."""
+    import tifffile
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(32, 32), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as t:
+        for name, value in overwrite.items():
+            t.pages[0].tags[name].overwrite(value)
+    return path
+
+
+def test_tiff_claiming_more_tiles_than_it_holds_is_refused(tmp_path):
+    """Found by the fuzzer: a damaged width made a 7 KB file a 4-gigapixel image of zeros
+    (tifffile fills missing tiles), exhausting memory while planning its tiles."""
+    from fastcount.slide.readers import TiffReader, open_reader
+
+    path = _tiled_tiff(tmp_path / "wide.tif", ImageWidth=4_000_000_000)
+    with pytest.raises(SlideReadError, match=r"damaged TIFF: a 64x4000000000 level needs 250000000 tiles/strips, "
+                                             r"the file lists 6"):
+        TiffReader(path)
+    with pytest.raises(SlideReadError, match="damaged TIFF"):
+        open_reader(path)
+    assert TiffReader(_tiled_tiff(tmp_path / "ok.tif")).level_shapes == [(64, 96)]  # the intact file opens
+
+
+def test_openslide_tile_size_openslide_cannot_allocate_is_refused(tmp_path):
+    """Found by the fuzzer: OpenSlide aborts the process (GLib cannot allocate a 238 GB tile
+    buffer) on a damaged tile size; the reader refuses it first. In a child: an abort is a failure."""
+    import subprocess
+    import sys
+
+    path = _tiled_tiff(tmp_path / "tall_tiles.tif", TileLength=1862271008)
+    code = ("from fastcount.slide.readers import OpenSlideReader, SlideReadError\n"
+            f"try:\n    OpenSlideReader({str(path)!r}).read_region(0, 0, 0, 16, 16)\n"
+            "except SlideReadError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused:" in r.stdout and "claims 1862271008x32 px tiles" in r.stdout

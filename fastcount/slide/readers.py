@@ -155,6 +155,7 @@ class TiffReader(SlideReader):
             raise SlideReadError(str(e)) from e
         ydim = lead
         self.level_shapes = [(int(lv.shape[ydim]), int(lv.shape[ydim + 1])) for lv in levels]
+        _check_tiles_present(self._tif, levels, self.level_shapes, path)
         self._zarr = {}
         self._lock = threading.Lock()
         self.mpp = _tiff_mpp(self._tif)
@@ -190,6 +191,30 @@ class TiffReader(SlideReader):
             tif.close()
 
 
+def _check_tiles_present(tif, levels, shapes, path):
+    """Refuse a TIFF whose size fields claim more tiles/strips than it stores.
+
+    tifffile reads a missing tile as zeros, so a damaged width or height (a few
+    bytes in the header) would otherwise turn a small file into a gigapixel image
+    of zeros to count, or exhaust memory just planning its tiles.
+    """
+    import math
+
+    for lv, (h, w) in zip(levels, shapes):
+        for page in lv.pages:
+            if page is None:
+                continue
+            try:
+                need, have = math.prod(page.keyframe.chunked), len(page.dataoffsets)
+            except Exception as e:  # e.g. a zero tile side
+                tif.close()
+                raise SlideReadError(f"tifffile cannot open {path}: {type(e).__name__}: {e}") from e
+            if have < need:
+                tif.close()
+                raise SlideReadError(f"{path}: damaged TIFF: a {h}x{w} level needs {need} tiles/strips, "
+                                     f"the file lists {have}")
+
+
 def _tiff_mpp(tif) -> float | None:
     """Microns per pixel from OME, Aperio or resolution tags, when the file says."""
     try:
@@ -217,6 +242,24 @@ def _tiff_mpp(tif) -> float | None:
     return None
 
 
+MAX_OPENSLIDE_TILE_PIXELS = 1 << 26  # 8192 x 8192; slide tiles are 256..4096 px a side
+
+
+def _check_tile_size(slide, props, n_levels, path):
+    """Refuse tile sizes OpenSlide could not allocate: it aborts the process (GLib
+    g_malloc) on a damaged tile-size field instead of raising."""
+    for i in range(n_levels):
+        try:
+            th = int(props.get(f"openslide.level[{i}].tile-height", 0))
+            tw = int(props.get(f"openslide.level[{i}].tile-width", 0))
+        except ValueError:
+            continue  # not recorded: nothing to check
+        if th * tw > MAX_OPENSLIDE_TILE_PIXELS:
+            slide.close()
+            raise SlideReadError(f"{path}: damaged slide: level {i} claims {th}x{tw} px tiles "
+                                 f"(more than {MAX_OPENSLIDE_TILE_PIXELS} px)")
+
+
 class OpenSlideReader(SlideReader):
     """Anything OpenSlide opens: SVS, NDPI, MRXS, DICOM WSI, generic tiled TIFF, ..."""
 
@@ -234,6 +277,7 @@ class OpenSlideReader(SlideReader):
         self.level_shapes = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
         self._downsamples = [float(d) for d in self._slide.level_downsamples]
         props = self._slide.properties
+        _check_tile_size(self._slide, props, len(self.level_shapes), path)
         try:
             mx, my = float(props.get("openslide.mpp-x", "nan")), float(props.get("openslide.mpp-y", "nan"))
             self.mpp = 0.5 * (mx + my) if np.isfinite(mx) and np.isfinite(my) else None
