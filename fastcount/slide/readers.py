@@ -261,7 +261,13 @@ def _check_tile_size(slide, props, n_levels, path):
 
 
 class OpenSlideReader(SlideReader):
-    """Anything OpenSlide opens: SVS, NDPI, MRXS, DICOM WSI, generic tiled TIFF, ..."""
+    """Anything OpenSlide opens: SVS, NDPI, MRXS, DICOM WSI, generic tiled TIFF, ...
+
+    OpenSlide takes a region's corner in level-0 pixels; at a level whose
+    downsample is not a whole number that corner falls between level pixels
+    and OpenSlide returns interpolated ones, so only levels with whole-number
+    downsamples read their stored pixels here.
+    """
 
     def __init__(self, path):
         try:
@@ -329,13 +335,31 @@ def _has_suffix(path: Path, exts) -> bool:
     return any(n.endswith(e) for e in exts)
 
 
+def _open_zarr(path: Path, name: str) -> ArrayReader:
+    """The zarr array stored in folder ``path`` (a group is refused, naming what it holds)."""
+    try:
+        import zarr
+    except ImportError as e:
+        raise SlideReadError(f"reading {path} needs zarr: pip install 'fastcount[slides]'") from e
+    try:
+        z = zarr.open(str(path), mode="r")
+    except Exception as e:
+        raise SlideReadError(f"{name}: cannot open {path} as a zarr array: {type(e).__name__}: {e}") from e
+    if not hasattr(z, "shape"):
+        members = sorted(z.keys()) if hasattr(z, "keys") else []
+        raise SlideReadError(f"{name}: {path} is a zarr group holding {members}, expected a zarr array; "
+                             "pass the folder of one array")
+    return ArrayReader(z, name=str(path))
+
+
 def open_reader(source, name: str = "source") -> SlideReader:
     """A reader for ``source``: a path (slide or image file), or a numpy/zarr/dask array.
 
-    Paths are tried in order of fit: PIL images by extension; TIFF-family files
-    through tifffile first (OME and SubIFD pyramids), then OpenSlide; other
-    slide formats through OpenSlide, then tifffile. The error names the file
-    and every reader's complaint.
+    Paths are tried in order of fit: PIL images by extension; a ``.zarr``
+    folder as one zarr array; TIFF, SVS and NDPI files through tifffile first
+    (OME, SubIFD, Aperio and Hamamatsu pyramids), then OpenSlide; other slide
+    formats through OpenSlide, then tifffile. The error names the file and
+    every reader's complaint.
     """
     if isinstance(source, SlideReader):
         return source
@@ -346,12 +370,12 @@ def open_reader(source, name: str = "source") -> SlideReader:
         if path.is_dir() and not _has_suffix(path, (".zarr",)):
             raise SlideReadError(f"{name}: {path} is a directory, expected a slide or image file")
         if _has_suffix(path, (".zarr",)):
-            import zarr
-
-            return ArrayReader(zarr.open(str(path), mode="r"), name=str(path))
+            return _open_zarr(path, name)
         if _has_suffix(path, PIL_EXTS):
             order = [ImageReader]
-        elif _has_suffix(path, (".tif", ".tiff", ".btf", ".tf8", ".qptiff")):
+        elif _has_suffix(path, (".tif", ".tiff", ".btf", ".tf8", ".qptiff", ".svs", ".ndpi")):
+            # tifffile returns each level's stored pixels; OpenSlide interpolates a level whose
+            # downsample is not a whole number (level-0 corners fall between its pixels).
             order = [TiffReader, OpenSlideReader]
         elif _has_suffix(path, OPENSLIDE_EXTS):
             order = [OpenSlideReader, TiffReader]
