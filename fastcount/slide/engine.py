@@ -256,8 +256,8 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
     """Count objects in a slide or image of any size, tile by tile, exactly.
 
     Args:
-        source: a path (OpenSlide formats: SVS, NDPI, MRXS, DICOM, generic
-            tiled TIFF; OME-/pyramidal TIFF through tifffile; PNG/JPEG), a
+        source: a path (SVS, NDPI, OME-/pyramidal/tiled TIFF through
+            tifffile; DICOM through OpenSlide; PNG/JPEG; a ``.zarr`` folder), a
             numpy array (HxW or HxWxC), a zarr array or a dask array. Pixels
             are converted by the one pixel rule of ``fastcount.pixels``.
         model: a ``CountCeption``, a weights path, or None for the default weights.
