@@ -103,6 +103,11 @@ def test_tiff_claiming_more_tiles_than_it_holds_is_refused(tmp_path):
     with pytest.raises(SlideReadError, match="damaged TIFF"):
         open_reader(path)
     assert TiffReader(_tiled_tiff(tmp_path / "ok.tif")).level_shapes == [(64, 96)]  # the intact file opens
+    # OpenSlide opens such a file and reads the missing tiles as white: no fallback to it
+    tall = _tiled_tiff(tmp_path / "tall.tif", ImageLength=9_000_000)
+    with pytest.raises(SlideReadError, match="damaged TIFF: a 9000000x96 level") as e:
+        open_reader(tall)
+    assert "OpenSlide" not in str(e.value)
 
 
 def test_openslide_tile_size_openslide_cannot_allocate_is_refused(tmp_path):

@@ -211,8 +211,12 @@ def _check_tiles_present(tif, levels, shapes, path):
                 raise SlideReadError(f"tifffile cannot open {path}: {type(e).__name__}: {e}") from e
             if have < need:
                 tif.close()
-                raise SlideReadError(f"{path}: damaged TIFF: a {h}x{w} level needs {need} tiles/strips, "
-                                     f"the file lists {have}")
+                raise _DamagedTiff(f"{path}: damaged TIFF: a {h}x{w} level needs {need} tiles/strips, "
+                                   f"the file lists {have}")
+
+
+class _DamagedTiff(SlideReadError):
+    """The file's own fields contradict each other: no other reader should guess at it."""
 
 
 def _tiff_mpp(tif) -> float | None:
@@ -387,6 +391,8 @@ def open_reader(source, name: str = "source") -> SlideReader:
                 reader = cls(path)
             except SlideReadError as e:
                 errors.append(str(e))
+                if isinstance(e, _DamagedTiff):
+                    break  # OpenSlide would show the missing tiles as blank and count them for hours
                 continue
             if reader.level_shapes[0][0] < 1 or reader.level_shapes[0][1] < 1:
                 reader.close()
