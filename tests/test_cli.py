@@ -192,6 +192,8 @@ def test_count_batch_size_workers_tile_backend_precision_device(capsys, weights)
     assert r["stats"]["precision"] == "bf16" and r["stats"]["device"] == "cpu"
     assert r["stats"]["backend"] != base["stats"]["backend"]
     assert r["total"] != base["total"] and r["total"] == pytest.approx(base["total"], rel=0.05)
+    code, _, err = run(capsys, "count", SLIDES / "boxes.png", "--weights", weights, "--device", "nonsense", "--quiet")
+    assert code == 2 and "device must be 'auto', 'cpu', 'cuda'" in err  # --device reaches count_slide
 
 
 def test_count_text_heatmap_geojson_mask_quiet(capsys, model, weights, tmp_path):
