@@ -8,10 +8,9 @@ is mutated by bit flips, header byte damage or truncation at a random offset, an
 mutant is counted with ``count_slide`` (tiny random model, 256 px tiles), with ``mask=None``
 (every tile read) or ``mask="auto"`` (the tissue mask reads a coarser level first), drawn per
 case. The first two rounds are the undamaged files (no mask, then "auto"), which must count.
-A case's time grows
-with the pixels the file claims: a damaged size field can make a 96x96 JPEG decode (gray-
-filled) as 96x34400, or a TIFF claim 27744 rows of missing (zero-filled) tiles, and those
-are counted like any image, at ~0.3 Mpx/s for this model on one core.
+A case's time grows with the pixels the file claims: a damaged size field can make a 96x96
+JPEG decode (gray-filled) as 44128x96, counted like any image at ~0.3 Mpx/s for this model
+on one core. (A TIFF claiming tiles it does not store is refused at open.)
 
 Cases run in a persistent worker process (importing torch costs 1-2 s), restarted when it
 dies or runs over the timeout. Outcomes:
