@@ -22,6 +22,7 @@ otherwise (``intensity_dtype`` says which, from the dtype alone).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,7 @@ def read_image_file(path, name: str | None = None) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = None  # our own inputs: a slide-sized PNG is legitimate
     try:
         with Image.open(path) as im:
+            _check_decodable_size(im, path)
             if _pil_sixteen_bit_rgb(im):
                 a = _read_sixteen_bit_rgb(path)
             else:
@@ -152,6 +154,33 @@ def read_image_file(path, name: str | None = None) -> np.ndarray:
     if a.ndim < 2 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"image {path} is empty")
     return to_intensities(a, name)
+
+
+# deflate cannot compress better than about 1032:1, so a PNG claiming more pixel bytes than this
+# many times its file size is damaged or a decompression bomb.
+_PNG_MAX_RATIO = 1100
+
+
+def _check_decodable_size(im, path: Path):
+    """Refuse, before decoding, an image whose header claims more pixels than is sane to decode whole."""
+    w, h = im.size
+    decoded = w * h * 3 * 4  # float32 RGB: the largest result of the pixel rule
+    least_bytes = w * h // 8 if im.mode == "1" else w * h  # a lower bound on the inflated size
+    if im.format == "PNG" and least_bytes > _PNG_MAX_RATIO * max(path.stat().st_size, 1):
+        raise ValueError(f"{path} claims {w}x{h} pixels, more than its {path.stat().st_size} bytes can hold "
+                         f"(damaged file?)")
+    ram = _physical_memory()
+    if ram and decoded > ram // 2:
+        raise ValueError(f"{path} is {w}x{h} pixels: decoding it whole would need {decoded / 2**30:.1f} GiB "
+                         f"of this machine's {ram / 2**30:.0f} GiB; save it as a tiled TIFF, which is read "
+                         f"tile by tile")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _pil_array(im) -> np.ndarray:

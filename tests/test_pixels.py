@@ -213,3 +213,36 @@ def test_out_of_range_inputs_refused_the_same_everywhere(model, tmp_path):
         read_image(p)
     Image.fromarray(np.full((8, 8), 200, np.int32)).save(p)
     assert read_image(p).dtype == np.uint8 and (read_image(p) == 200).all()
+
+
+def _png_claiming(path, w, h):
+    """A valid 1x1 PNG whose header is rewritten (with a correct CRC) to claim w x h pixels."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(path)
+    b = bytearray(path.read_bytes())
+    i = b.index(b"IHDR")
+    b[i + 4 : i + 12] = struct.pack(">II", w, h)
+    b[i + 17 : i + 21] = struct.pack(">I", zlib.crc32(bytes(b[i : i + 17])))
+    path.write_bytes(bytes(b))
+    return path
+
+
+def test_decompression_bomb_png_refused_before_decoding(tmp_path):
+    """A 70-byte PNG claiming 40000^2 pixels would make PIL allocate 4.8 GB: refused by its header."""
+    p = _png_claiming(tmp_path / "bomb.png", 40000, 40000)
+    assert p.stat().st_size < 100
+    with pytest.raises(ValueError, match="claims 40000x40000 pixels"):
+        read_image(p)
+    from fastcount.slide import SlideReadError
+
+    with pytest.raises(SlideReadError, match="claims 40000x40000"):
+        open_reader(p)
+    # A legitimately well-compressed flat PNG still reads.
+    from PIL import Image
+
+    Image.fromarray(np.zeros((600, 700, 3), np.uint8)).save(tmp_path / "flat.png")
+    assert read_image(tmp_path / "flat.png").shape == (600, 700, 3)
