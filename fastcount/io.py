@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import CountCeption
+from .files import atomic_path
 
 __all__ = ["save_model", "load_model", "default_weights_path", "read_metadata"]
 
@@ -44,9 +45,8 @@ def save_model(model: CountCeption, path, metadata: dict | None = None) -> Path:
         tensors.update({ROUNDING_PREFIX + k: v.contiguous() for k, v in rounding.tensors.items()})
         meta["bf16_rounding"] = json.dumps(rounding.info)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

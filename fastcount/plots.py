@@ -1,8 +1,9 @@
 """Learning-curve pictures for training runs (matplotlib, an optional dependency)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .files import atomic_path
 
 __all__ = ["plot_learning_curves"]
 
@@ -54,8 +55,9 @@ def plot_learning_curves(histories: dict, path, title: str | None = None, refere
         fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path

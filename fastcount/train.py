@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .io import save_model
 from .model import CountCeption
 from .api import image_to_tensor
 from .ops import make_targets, redundant_count
+from .files import atomic_path
 
 __all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
 
@@ -278,9 +278,8 @@ def _save_checkpoint(path: Path, model, best_state, opt, gen, meta: dict):
             tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     tensors["rng"] = gen.get_state()
     meta = dict(meta, param_groups=osd["param_groups"])
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"fastcount_checkpoint": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: an interrupted save keeps the previous checkpoint
+    with atomic_path(path) as tmp:  # an interrupted save keeps the previous checkpoint
+        save_file(tensors, str(tmp), metadata={"fastcount_checkpoint": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path):

@@ -129,3 +129,19 @@ def test_packaged_weights_count_synthetic_vgg_style_cells():
         truth.append(float(dots.sum()))
     rel = (sum(pred) - sum(truth)) / sum(truth)
     assert abs(rel) < 0.05, (pred, truth, rel)
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    from fastcount.files import atomic_path
+
+    p = tmp_path / "w.bin"
+    p.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert p.read_bytes() == b"old" and sorted(x.name for x in tmp_path.iterdir()) == ["w.bin"]
+    with atomic_path(p, ".npz") as tmp:
+        assert tmp.name.endswith(".npz") and tmp.parent == p.parent
+        tmp.write_bytes(b"new")
+    assert p.read_bytes() == b"new" and sorted(x.name for x in tmp_path.iterdir()) == ["w.bin"]

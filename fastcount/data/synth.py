@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path
+
 __all__ = ["cell_image", "SyntheticSlide", "write_synthetic_slide", "VGG_DENSITY"]
 
 # Cells per pixel in the VGG benchmark: 176 per 256x256 image on average.
@@ -307,8 +309,7 @@ def write_synthetic_slide(path, size=4096, *, seed: int = 0, tile: int = 256, ti
                 yield a
 
     res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
-    tmp = path.with_name(path.name + ".tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         opts = dict(dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression=compression,
                     resolutionunit="CENTIMETER", metadata=None)
         tif.write(tiles(0), shape=(*shapes[0], 3), subifds=len(shapes) - 1, resolution=res,
@@ -316,7 +317,6 @@ def write_synthetic_slide(path, size=4096, *, seed: int = 0, tile: int = 256, ti
         for lv in range(1, len(shapes)):
             d = 2**lv
             tif.write(tiles(lv), shape=(*shapes[lv], 3), subfiletype=1, resolution=(res[0] / d, res[1] / d), **opts)
-    tmp.replace(path)
     if bar is not None:
         bar.close()
     return {"path": path, "shape": shapes[0], "levels": shapes, "total": slide.total, "mpp": mpp, "slide": slide}

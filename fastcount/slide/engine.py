@@ -34,6 +34,7 @@ from .plan import Tile, check_tile, plan_tiles
 from ..pixels import to_intensities
 from .readers import ArrayReader, SlideReader, open_reader
 from .result import SlideCount
+from ..files import atomic_path
 
 __all__ = ["count_slide", "read_thumbnail", "peak_rss_mb", "reset_peak_rss"]
 
@@ -203,9 +204,8 @@ def _fingerprint(reader, level, shape, tile, batch_size, cell, model, backend, p
 
 def _save_checkpoint(path: Path, fp: str, done: np.ndarray, sums: np.ndarray, density: np.ndarray):
     # Written to a temporary name and renamed: an interrupt mid-write leaves the old file intact.
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, fingerprint=np.array(fp), done=done, sums=sums, density=density)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, fingerprint=np.array(fp), done=done, sums=sums, density=density)
 
 
 def _load_checkpoint(path: Path, fp: str, n_batches: int, n_tiles: int, dshape):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_path
 
 __all__ = ["SlideCount", "colormap"]
 
@@ -202,9 +203,8 @@ class SlideCount:
                   fill=(0, 0, 0))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            canvas.save(tmp, format="PNG")
         return path
 
 
@@ -218,6 +218,5 @@ def _fmt(v: float) -> str:
 
 def _atomic_write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
