@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .io import load_model
 from .model import CountCeption
 from .ops import redundant_count
@@ -69,17 +70,18 @@ def _float_nchw(a: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def count_image(image, model=None, device="cpu") -> float:
+def count_image(image, model=None, device="auto") -> float:
     """Count objects in one image.
 
     Args:
         image: ``HxWx3`` uint8 array (or see ``image_to_tensor``) or a
             ``CHW``/``NCHW`` float tensor of 0..255 intensities (N must be 1).
         model: a CountCeption, a weights path, or None for the default weights.
-        device: torch device to run on.
+        device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``,
+            ``"cuda"`` or a ``torch.device``.
     """
-    model = resolve_model(model, device)
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    model = resolve_model(model, dev)
     if next(model.parameters()).device.type != dev.type:
         model = copy.deepcopy(model).to(dev)  # never move the caller's model behind their back
     x = image_to_tensor(image, model.in_channels)
@@ -88,7 +90,7 @@ def count_image(image, model=None, device="cpu") -> float:
     was_training = model.training
     model.eval()
     try:
-        cmap = model(x.to(device))
+        cmap = model(x.to(dev))
     finally:
         model.train(was_training)
     return float(redundant_count(cmap, model.patch_size, model.stride).sum())

@@ -156,10 +156,10 @@ def cmd_evaluate(args):
         r = run_protocol(ds, args.splits, _config(args), progress=not args.quiet)
         print(f"{ds.name} N={args.n_train}: test MAE {r['mean']:.2f} +- {r['std']:.2f} over {args.splits} splits")
         return 0
+    from .devices import resolve_device
     from .io import load_model
-    from .train import _resolve_device
 
-    device = _resolve_device("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model = load_model(args.weights, device=device)
     _, _, test_idx = split_indices(len(ds), ds.test_size, 0, 0, 0)
     test_idx = test_idx or list(range(len(ds)))

@@ -30,6 +30,7 @@ from .io import save_model
 from .model import CountCeption
 from .api import image_to_tensor
 from .ops import make_targets, redundant_count
+from .devices import resolve_device
 from .files import atomic_path
 
 __all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
@@ -106,12 +107,6 @@ def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: 
     return sorted(perm[:n_train].tolist()), sorted(perm[n_train : n_train + n_val].tolist()), list(range(pool, n_total))
 
 
-def _resolve_device(device) -> torch.device:
-    from .slide.engine import _resolve_device as resolve  # one rule (and error) for every device argument
-
-    return resolve(device)
-
-
 def _to_tensor_image(img: np.ndarray) -> torch.Tensor:
     return image_to_tensor(img)[0]
 
@@ -123,7 +118,7 @@ def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 
     ``backend`` as in ``fastcount.inference.compile`` (fp32): "eager" is the reference,
     "auto" the fast path (CPU: about 3.5x faster, map relative error ~1e-5).
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     was = model.training
     model.eval()
     out = []
@@ -314,7 +309,7 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     """
     cfg = _replace(config, overrides)
     cfg.check()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     train_idx, val_idx, test_idx = split_indices(len(dataset), dataset.test_size, cfg.n_train, cfg.n_val, cfg.seed)
     split = {"train": train_idx, "val": val_idx, "test": test_idx}
     if checkpoint is None and out is not None:

@@ -145,3 +145,18 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
         assert tmp.name.endswith(".npz") and tmp.parent == p.parent
         tmp.write_bytes(b"new")
     assert p.read_bytes() == b"new" and sorted(x.name for x in tmp_path.iterdir()) == ["w.bin"]
+
+
+def test_one_device_rule_for_every_entry_point():
+    from fastcount import count_slide
+    from fastcount.devices import resolve_device
+
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = CountCeption(width=0.0625).eval()
+    img = np.zeros((20, 20, 3), np.uint8)
+    for f in (lambda d: count_image(img, m, device=d), lambda d: count_slide(img, m, device=d, progress=False)):
+        with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda'"):
+            f("nonsense")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                f("cuda")

@@ -34,6 +34,7 @@ from .plan import Tile, check_tile, plan_tiles
 from ..pixels import to_intensities
 from .readers import ArrayReader, SlideReader, open_reader
 from .result import SlideCount
+from ..devices import resolve_device
 from ..files import atomic_path
 
 __all__ = ["count_slide", "read_thumbnail", "peak_rss_mb", "reset_peak_rss"]
@@ -124,18 +125,6 @@ def _as_u8(a: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- argument checks
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
-    return dev
 
 
 def _pick_level(reader: SlideReader, level, mpp) -> int:
@@ -290,7 +279,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=1024, batch_size=
     """
     t_start = time.perf_counter()
     rss_reset = reset_peak_rss()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     _check_positive("batch_size", batch_size)
     _check_positive("workers", workers)
     _check_positive("queue_depth", queue_depth)
