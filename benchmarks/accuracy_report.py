@@ -25,7 +25,7 @@ from fastcount.data import load_dataset
 from fastcount.plots import plot_learning_curves
 from fastcount.train import _load_checkpoint, evaluate, split_indices
 
-# SPEC §5, Table 2: Count-ception test MAE (mean +- std over >= 10 splits).
+# The paper's Table 2: Count-ception test MAE (mean +- std over >= 10 splits).
 PAPER = {("vgg_cells", 32): (2.4, 0.4), ("vgg_cells", 50): (2.3, 0.4), ("mbm", 5): (12.6, 3.0),
          ("mbm", 10): (10.7, 2.5), ("mbm", 15): (8.8, 2.3)}
 

@@ -1,4 +1,4 @@
-"""CPU fast path (issue 6) side by side with PyTorch, in one pytest run.
+"""CPU fast path side by side with PyTorch, in one pytest run.
 
     python -m pytest benchmarks/bench_cpu.py --benchmark-only --benchmark-json=cpu.json \
         --benchmark-columns=median,min,max,rounds

@@ -1,4 +1,4 @@
-"""Reference model costs (issue 2): eager forward and one training step, full width.
+"""Reference model costs: eager forward and one training step, full width.
 
     python -m pytest benchmarks/bench_model.py --benchmark-only
 """

@@ -1,4 +1,4 @@
-"""Compiled ops (issue 3) against plain PyTorch, in one session.
+"""Compiled ops against plain PyTorch, in one session.
 
     python -m pytest benchmarks/bench_ops.py --benchmark-only \
         --benchmark-columns=median,rounds --benchmark-json=bench_ops.json

@@ -1,4 +1,4 @@
-"""count_slide throughput and peak memory (issue 5), full-width model, eager backend.
+"""count_slide throughput and peak memory, full-width model, eager backend.
 
     python -m pytest benchmarks/bench_slide.py --benchmark-only -s \
         --benchmark-json=/tmp/bench_slide.json

@@ -1,4 +1,4 @@
-"""bf16 count error of the cpu backend, nearest vs count-calibrated rounding (issue 6).
+"""bf16 count error of the cpu backend, nearest vs count-calibrated rounding.
 
     python benchmarks/bf16_count_error.py --model default --calibrate train --test 100
     python benchmarks/bf16_count_error.py --model full --calibrate 101-110 --test 20

@@ -1,4 +1,4 @@
-"""GPU report for the Triton backend (issue 4): one command, one table.
+"""GPU report for the Triton backend: one command, one table.
 
     python benchmarks/gpu_report.py                 # on a CUDA machine (H100: ~10 min)
     python benchmarks/gpu_report.py --json out.json # also write the figures

@@ -25,7 +25,7 @@
 
 namespace fastcount {
 
-// --------------------------------------------------------------- geometry (SPEC §4)
+// --------------------------------------------------------------- geometry
 // Output row `y` (stride s, window r) sums input rows [win_lo(y), win_hi(y)).
 FC_HD int64_t win_lo(int64_t y, int64_t r, int64_t s) {
   const int64_t v = y * s - r;

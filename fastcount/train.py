@@ -1,4 +1,4 @@
-"""Training and the evaluation protocol (SPEC §5).
+"""Training and the evaluation protocol of the paper.
 
 Protocol (Lempitsky & Zisserman 2010, as in the paper): the reference test
 set (VGG cells: last 100 images, MBM: last 11) is never trained or validated
@@ -50,7 +50,7 @@ class TrainConfig:
     stride: int = 1
     augment: bool = True
     device: str = "cpu"
-    # CPU speed-up (issue 6): run the two large convs by FFT (same math and parameters).
+    # CPU speed-up: run the two large convs by FFT (same math and parameters).
     fft: bool = False
     # "cosine" anneals lr to 1% of ``lr`` over the run; late epochs then change the weights
     # little, so the BN running statistics (and the validation MAE) settle.
@@ -318,7 +318,7 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
 
     torch.manual_seed(cfg.seed)
     model = CountCeption(3, cfg.patch_size, cfg.stride, cfg.width).to(device)
-    if cfg.fft:  # issue 6: FFT for the large convs; parameters (and state-dict keys) are shared
+    if cfg.fft:  # FFT for the large convs; parameters (and state-dict keys) are shared
         from .inference.fft import use_fft_convs
 
         use_fft_convs(model)
