@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from .slide.plan import DEFAULT_TILE
+
 __all__ = ["main", "build_parser"]
 
 
@@ -36,7 +38,7 @@ def _add_train_args(p):
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
 
-def _add_count_args(p, tile=1024):
+def _add_count_args(p, tile=DEFAULT_TILE):
     p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpu", "triton"])

@@ -189,7 +189,7 @@ def _child_count(weights, source, ck, **kw):
     the run is still going when the test kills it."""
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     return (
-        "import time, torch, fastcount; import fastcount.slide.engine as E; torch.set_num_threads(1); "
+        "import time, torch, fastcount; import fastcount.slide.prefetch as E; torch.set_num_threads(1); "
         "_rb = E._read_batch; E._read_batch = lambda *a, **k: (time.sleep(0.03), _rb(*a, **k))[1]; "
         f"m = fastcount.load_model({str(weights)!r}); "
         f"fastcount.count_slide({str(source)!r}, m, progress=False, workers=1, checkpoint={str(ck)!r}, "
@@ -291,7 +291,7 @@ def test_large_slide_bounded_memory_background_skipped(model, tmp_path):
     """A 16384^2 pyramidal slide (805 MB of pixels per level 0) counts in bounded memory."""
     info = write_synthetic_slide(tmp_path / "big.tif", 16384, seed=3, tissue_fraction=0.0005, n_regions=1,
                                  background_noise=0.0, tile=512)
-    from fastcount.slide.engine import peak_rss_mb, reset_peak_rss
+    from fastcount.system import peak_rss_mb, reset_peak_rss
 
     reset_peak_rss()
     before = peak_rss_mb()
@@ -371,7 +371,7 @@ def test_real_ctrl_c_leaves_a_valid_checkpoint(model, tmp_path):
     # Each batch read is slowed to 20 ms in the child, so the run is still going when the
     # signal comes (a fast machine finished the whole image before it, and exited 0).
     script = (
-        "import signal, time, numpy as np, torch, fastcount; import fastcount.slide.engine as E; "
+        "import signal, time, numpy as np, torch, fastcount; import fastcount.slide.prefetch as E; "
         # a parent started in the background may pass SIGINT down ignored: restore Ctrl-C
         "signal.signal(signal.SIGINT, signal.default_int_handler); "
         "torch.set_num_threads(1); _rb = E._read_batch; "

@@ -2,15 +2,18 @@
 
 ``count_slide(source, model)`` counts a slide or image of any size tile by
 tile and returns a ``SlideCount``; its total equals the whole-image count of
-the same model (SPEC §3) up to float rounding.
+the same model up to float rounding.
 """
-from .engine import count_slide, peak_rss_mb, read_thumbnail
+from ..system import peak_rss_mb
+from .engine import count_slide
 from .mask import SlideMask, auto_mask, otsu_threshold
-from .plan import MIN_TILE, Tile, TilePlan, plan_tiles
+from .plan import DEFAULT_TILE, MIN_TILE, Tile, TilePlan, plan_tiles
 from .readers import (ArrayReader, ImageReader, OpenSlideReader, SlideReader, SlideReadError, TiffReader,
                       open_reader)
 from .result import SlideCount
+from .thumbnail import read_thumbnail
 
 __all__ = ["count_slide", "SlideCount", "open_reader", "SlideReader", "ArrayReader", "TiffReader",
            "OpenSlideReader", "ImageReader", "SlideReadError", "plan_tiles", "TilePlan", "Tile", "MIN_TILE",
+           "DEFAULT_TILE",
            "auto_mask", "otsu_threshold", "SlideMask", "read_thumbnail", "peak_rss_mb"]

@@ -1,4 +1,4 @@
-"""Tile plan: output tiles that partition the count map exactly (SPEC §3).
+"""Tile plan: output tiles that partition the count map exactly.
 
 The full-resolution (stride-1) count map of an ``H x W`` image is
 ``(H + r) x (W + r)``. It is cut into output tiles of at most ``tile x tile``
@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 from ..geometry import Geometry
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "MIN_TILE", "check_tile"]
+__all__ = ["Tile", "TilePlan", "plan_tiles", "MIN_TILE", "DEFAULT_TILE", "check_tile"]
 
 # Smaller tiles would spend almost all their work on the 2 x (r + 6) halo.
 MIN_TILE = 16
+# The output tile side ``count_slide`` and ``fastcount count`` use unless told otherwise.
+DEFAULT_TILE = 1024
 
 
 @dataclass(frozen=True)

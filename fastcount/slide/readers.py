@@ -13,7 +13,9 @@ alpha < 255, as OpenSlide recommends.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -25,7 +27,6 @@ __all__ = ["SlideReader", "ArrayReader", "TiffReader", "OpenSlideReader", "Image
            "SlideReadError", "OPENSLIDE_EXTS"]
 
 OPENSLIDE_EXTS = (".svs", ".ndpi", ".mrxs", ".dcm", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".tif", ".tiff")
-TIFF_EXTS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".qptiff")
 PIL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -75,13 +76,6 @@ class SlideReader:
 
     def _read(self, level, y, x, h, w):
         raise NotImplementedError
-
-    def thumbnail_level(self, max_side: int = 2048) -> int:
-        """The finest level whose long side is at most ``max_side`` (else the coarsest)."""
-        for i, (h, w) in enumerate(self.level_shapes):
-            if max(h, w) <= max_side:
-                return i
-        return self.level_count - 1
 
     def close(self):
         pass
@@ -198,8 +192,6 @@ def _check_tiles_present(tif, levels, shapes, path):
     bytes in the header) would otherwise turn a small file into a gigapixel image
     of zeros to count, or exhaust memory just planning its tiles.
     """
-    import math
-
     for lv, (h, w) in zip(levels, shapes):
         for page in lv.pages:
             if page is None:
@@ -223,8 +215,6 @@ def _tiff_mpp(tif) -> float | None:
     """Microns per pixel from OME, Aperio or resolution tags, when the file says."""
     try:
         if tif.is_ome and tif.ome_metadata:
-            import re
-
             m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
             if m:
                 u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
