@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from .inference import BACKENDS, DEFAULT_BACKEND, PRECISIONS
 from .slide.plan import DEFAULT_TILE
 
 __all__ = ["main", "build_parser"]
@@ -41,8 +42,8 @@ def _add_train_args(p):
 def _add_count_args(p, tile=DEFAULT_TILE):
     p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpu", "triton"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="reader threads")

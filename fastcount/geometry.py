@@ -1,4 +1,4 @@
-"""The one place that knows Count-ception's geometry (SPEC §3).
+"""The one place that knows Count-ception's geometry.
 
 Every other module asks here for output sizes, the receptive field, the halo
 a tile needs, and the normaliser of the redundant count.
@@ -12,10 +12,9 @@ stride ``s`` the count map is that full-resolution map sampled at rows
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-__all__ = ["Geometry", "geometry", "large_kernels", "output_size", "normaliser", "check_patch_stride"]
+__all__ = ["Geometry", "large_kernels", "check_patch_stride"]
 
 # Number of zero-padded 3x3 convs an output pixel reaches through: Inception
 # blocks 2, 3 (before the first large conv) and 5..8 (before the second).
@@ -74,15 +73,6 @@ class Geometry:
         return self.patch_size
 
     @property
-    def padded_convs(self) -> int:
-        return PADDED_CONVS
-
-    @property
-    def valid_window(self) -> int:
-        """Sum of (k-1) over the valid convs: output row Y reads input rows Y-r..Y."""
-        return self.patch_size
-
-    @property
     def receptive_field(self) -> int:
         """Theoretical receptive field side including the padded 3x3 convs (45 for r=32)."""
         return self.patch_size + 1 + 2 * PADDED_CONVS
@@ -110,7 +100,7 @@ class Geometry:
         """Side of the count map (with stride) for an ``n``-pixel input side."""
         if n < 1:
             raise ValueError(f"image side must be >= 1, got {n}")
-        return math.ceil((n + self.patch_size) / self.stride)
+        return (n + self.patch_size + self.stride - 1) // self.stride  # integer ceil: symbolic sizes work too
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return self.output_side(height), self.output_side(width)
@@ -129,14 +119,3 @@ class Geometry:
             raise ValueError(f"output span [{out_start}, {out_stop}) outside [0, {self.full_size(n)})")
         return max(0, out_start - self.halo_before), min(n, out_stop + self.halo_after)
 
-
-def geometry(patch_size: int = 32, stride: int = 1) -> Geometry:
-    return Geometry(patch_size, stride)
-
-
-def output_size(height: int, width: int, patch_size: int = 32, stride: int = 1) -> tuple[int, int]:
-    return Geometry(patch_size, stride).output_size(height, width)
-
-
-def normaliser(patch_size: int = 32, stride: int = 1) -> int:
-    return Geometry(patch_size, stride).redundancy

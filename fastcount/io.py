@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from importlib import resources
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .model import CountCeption
 from .files import atomic_path
+from .inference.rounding import METADATA_KEY as ROUNDING_METADATA_KEY
+from .inference.rounding import Bf16Rounding, current_rounding
+from .model import CountCeption
 
 __all__ = ["save_model", "load_model", "default_weights_path", "read_metadata"]
 
 FORMAT = "fastcount.countception"
 DEFAULT_WEIGHTS = "default.safetensors"
-ROUNDING_PREFIX = "bf16_rounding."  # calibrated bf16 values (fastcount.inference.rounding), optional
 
 
 def default_weights_path() -> Path:
@@ -40,35 +39,19 @@ def save_model(model: CountCeption, path, metadata: dict | None = None) -> Path:
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    rounding = _current_rounding(model)
+    rounding = current_rounding(model)  # calibrated bf16 values, optional
     if rounding is not None:
-        tensors.update({ROUNDING_PREFIX + k: v.contiguous() for k, v in rounding.tensors.items()})
-        meta["bf16_rounding"] = json.dumps(rounding.info)
+        extra_tensors, extra_meta = rounding.to_state()
+        tensors.update(extra_tensors)
+        meta.update(extra_meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
-def _current_rounding(model: CountCeption):
-    """model.bf16_rounding if it still matches the weights; a stale one is dropped with a warning."""
-    rounding = model.bf16_rounding
-    if rounding is None:
-        return None
-    from .inference.plan import fold
-
-    try:
-        rounding.check(fold(model, dtype=torch.float64).to("cpu"))
-    except ValueError as e:
-        warnings.warn(f"not saving model.bf16_rounding, it no longer matches the weights "
-                      f"(calibrate again with fastcount.inference.calibrate_bf16): {e}", stacklevel=3)
-        return None
-    return rounding
-
-
 def read_metadata(path) -> dict:
     """The header metadata of a fastcount weights file (config decoded)."""
-    from safetensors import safe_open
 
     path = _check_path(path)
     try:
@@ -113,13 +96,11 @@ def load_model(path=None, device="cpu") -> CountCeption:
         width=float(cfg["width"]),
     )
     state = load_file(str(path))
-    rounding = {k[len(ROUNDING_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(ROUNDING_PREFIX)}
+    rounding = Bf16Rounding.from_state(state, meta)  # takes its tensors out of `state`
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.metadata = {k: v for k, v in meta.items() if k not in ("format", "config", "bf16_rounding")}
-    if rounding:
-        from .inference.rounding import Bf16Rounding
-
-        model.bf16_rounding = Bf16Rounding(rounding, json.loads(meta.get("bf16_rounding", "{}")))
+    model.metadata = {k: v for k, v in meta.items() if k not in ("format", "config", ROUNDING_METADATA_KEY)}
+    if rounding is not None:
+        model.bf16_rounding = rounding
     return model.to(device).eval()

@@ -1,4 +1,4 @@
-"""CountCeption: the reference, trainable network (SPEC §2).
+"""CountCeption: the reference, trainable network.
 
 Inputs are NCHW float tensors of raw 0..255 intensities (no normalisation, as
 in the reference implementation). The output is the redundant count map,
@@ -13,26 +13,34 @@ from torch import nn
 
 from .geometry import Geometry
 
-__all__ = ["CountCeption", "ConvBNAct", "Inception", "LEAKY_SLOPE", "BN_EPS"]
+__all__ = ["CountCeption", "ConvBNAct", "Inception", "LEAKY_SLOPE", "BN_EPS", "ROLES", "FIRST", "INCEPTION", "LARGE", "HEAD"]
 
 LEAKY_SLOPE = 0.01
 BN_EPS = 1e-5
 
-# (kind, a, b, kernel) for the layer table; for "inception" a/b are the 1x1 / 3x3 filters.
-# "large1"/"large2" are the two valid convs whose kernels come from the geometry.
+# What each entry of CountCeption.layers is. fold() carries these roles into the
+# inference plan, and the backends, the bf16 rounding and FFT training read them.
+FIRST = "first"  # the 3x3 conv, zero-padded by r
+INCEPTION = "inception"  # 1x1 and 3x3 branches (pad 0 / 1), concatenated
+LARGE = "large"  # a large valid conv; its kernel comes from the geometry
+HEAD = "head"  # the trailing 1x1 convs; the last has one output channel and the stride
+
+# (role, a, b): output channels at width 1 (for an Inception block a/b are the 1x1 / 3x3
+# branches). The final 1x1 conv to one channel follows.
 LAYERS = (
-    ("conv", 64, None, "first"),
-    ("inception", 16, 16, None),
-    ("inception", 16, 32, None),
-    ("conv", 16, None, "large1"),
-    ("inception", 112, 48, None),
-    ("inception", 64, 32, None),
-    ("inception", 40, 40, None),
-    ("inception", 32, 96, None),
-    ("conv", 32, None, "large2"),
-    ("conv", 64, None, 1),
-    ("conv", 64, None, 1),
+    (FIRST, 64, None),
+    (INCEPTION, 16, 16),
+    (INCEPTION, 16, 32),
+    (LARGE, 16, None),
+    (INCEPTION, 112, 48),
+    (INCEPTION, 64, 32),
+    (INCEPTION, 40, 40),
+    (INCEPTION, 32, 96),
+    (LARGE, 32, None),
+    (HEAD, 64, None),
+    (HEAD, 64, None),
 )
+ROLES = tuple(role for role, _, _ in LAYERS) + (HEAD,)
 
 
 def _scaled(c: int, width: float) -> int:
@@ -52,6 +60,10 @@ class ConvBNAct(nn.Sequential):
     @property
     def conv(self) -> nn.Conv2d:
         return self[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
 
     @property
     def bn(self) -> nn.BatchNorm2d:
@@ -102,20 +114,21 @@ class CountCeption(nn.Module):
         self.patch_size = patch_size
         self.stride = stride
         self.width = float(width)
-        k_first, k_large1, k_large2 = self.geometry.kernels
+        k_first, *k_large = self.geometry.kernels
+        k_large = iter(k_large)
 
         layers = []
         cin = in_channels
-        for kind, a, b, kernel in LAYERS:
-            if kind == "inception":
+        for role, a, b in LAYERS:
+            if role == INCEPTION:
                 block = Inception(cin, _scaled(a, width), _scaled(b, width))
-                cin = block.out_channels
+            elif role == FIRST:
+                block = ConvBNAct(cin, _scaled(a, width), k_first, self.geometry.first_pad)
+            elif role == LARGE:
+                block = ConvBNAct(cin, _scaled(a, width), next(k_large), 0)
             else:
-                k, pad = {"first": (k_first, patch_size), "large1": (k_large1, 0), "large2": (k_large2, 0)}.get(
-                    kernel, (kernel, 0)
-                )
-                block = ConvBNAct(cin, _scaled(a, width), k, pad)
-                cin = _scaled(a, width)
+                block = ConvBNAct(cin, _scaled(a, width), 1, 0)
+            cin = block.out_channels
             layers.append(block)
         layers.append(ConvBNAct(cin, 1, 1, 0, stride=stride))
         self.layers = nn.Sequential(*layers)
@@ -129,6 +142,11 @@ class CountCeption(nn.Module):
             "stride": self.stride,
             "width": self.width,
         }
+
+    @property
+    def roles(self) -> tuple:
+        """The role of each entry of ``self.layers`` (FIRST, INCEPTION, LARGE or HEAD)."""
+        return ROLES
 
     def conv_blocks(self):
         """Every ConvBNAct in forward order (Inception: 1x1 branch, then 3x3)."""

@@ -1,4 +1,4 @@
-"""Count targets and the redundancy-normalised count (SPEC §4).
+"""Count targets and the redundancy-normalised count.
 
 Public functions validate their inputs, then run the compiled ops from
 ``csrc/`` when the extension is built (``torch.ops.fastcount.*``) or the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._ext import _C, compiled_ops_error, has_compiled_ops
 from .geometry import Geometry
 
 __all__ = [
@@ -31,28 +32,6 @@ __all__ = [
 ]
 
 
-# The compiled ops (csrc/, built by setup.py as fastcount._C). Importing the
-# module registers torch.ops.fastcount.*; if it is missing or fails to load
-# (e.g. built against another torch), everything falls back to the references.
-try:
-    from . import _C
-except (ImportError, OSError) as _e:  # pragma: no cover - depends on the build
-    _C = None
-    _C_ERROR: "Exception | None" = _e
-else:
-    _C_ERROR = None
-
-
-def has_compiled_ops() -> bool:
-    """True when the C++/CUDA extension (fastcount._C) is loaded and its ops registered."""
-    return _C is not None and hasattr(torch.ops, "fastcount") and hasattr(torch.ops.fastcount, "make_targets")
-
-
-def compiled_ops_error() -> "Exception | None":
-    """Why fastcount._C could not be loaded (None when it loaded)."""
-    return _C_ERROR
-
-
 def _use_compiled(t: torch.Tensor) -> bool:
     """The compiled ops run on CPU tensors, and on CUDA tensors when built with CUDA."""
     if not has_compiled_ops():
@@ -60,28 +39,23 @@ def _use_compiled(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or (t.device.type == "cuda" and bool(getattr(_C, "with_cuda", 0)))
 
 
-def _out_side(n, patch_size, stride):
-    return (n + patch_size + stride - 1) // stride
-
-
 def _register_fake_kernels() -> None:
-    """Shape-only kernels for torch.compile / FakeTensor / meta tensors. Shapes
-    only depend on input shapes and the int arguments, so symbolic sizes work."""
+    """Shape-only kernels for torch.compile / FakeTensor / meta tensors (the module the
+    extension names for them). Shapes only depend on input shapes and the int
+    arguments, so symbolic sizes work."""
 
     @torch.library.register_fake("fastcount::make_targets")
     def _make_targets_fake(dots, patch_size=32, stride=1):
-        Geometry(patch_size, stride)
+        g = Geometry(patch_size, stride)
         torch._check(dots.dim() in (2, 3), lambda: f"dots must be (H, W) or (B, H, W), got {tuple(dots.shape)}")
         h, w = dots.shape[-2:]
-        shape = (*dots.shape[:-2], _out_side(h, patch_size, stride), _out_side(w, patch_size, stride))
-        return dots.new_empty(shape, dtype=torch.float32)
+        return dots.new_empty((*dots.shape[:-2], *g.output_size(h, w)), dtype=torch.float32)
 
     @torch.library.register_fake("fastcount::make_targets_from_points")
     def _points_fake(points, height, width, patch_size=32, stride=1):
-        Geometry(patch_size, stride)
+        g = Geometry(patch_size, stride)
         torch._check(points.dim() == 2 and points.shape[1] == 2, lambda: "points must have shape (N, 2)")
-        shape = (_out_side(height, patch_size, stride), _out_side(width, patch_size, stride))
-        return points.new_empty(shape, dtype=torch.float32)
+        return points.new_empty(g.output_size(height, width), dtype=torch.float32)
 
     @torch.library.register_fake("fastcount::redundant_count")
     def _redundant_count_fake(count_map, patch_size=32, stride=1, cell=0):
@@ -98,7 +72,7 @@ def _register_fake_kernels() -> None:
     def _rc_setup(ctx, inputs, output):
         count_map, patch_size, stride, cell = (tuple(inputs) + (32, 1, 0)[len(inputs) - 1 :])[:4]
         ctx.shape, ctx.dtype = count_map.shape, count_map.dtype
-        ctx.redundancy, ctx.cell = (patch_size // stride) ** 2, cell
+        ctx.redundancy, ctx.cell = Geometry(patch_size, stride).redundancy, cell
 
     def _rc_backward(ctx, grad):
         g = grad / ctx.redundancy
@@ -111,27 +85,21 @@ def _register_fake_kernels() -> None:
 
     torch.library.register_autograd("fastcount::redundant_count", _rc_backward, setup_context=_rc_setup)
 
-    if hasattr(torch.ops.fastcount, "spectral_mix"):  # absent from extensions built before it
+    @torch.library.register_fake("fastcount::spectral_mix")
+    def _spectral_mix_fake(x, k, out_channels):
+        torch._check(x.dim() == 3, lambda: f"x must be (C, P, F), got {tuple(x.shape)}")
+        c, p, f = x.shape
+        return x.new_empty((p, out_channels, f), dtype=torch.complex64)
 
-        @torch.library.register_fake("fastcount::spectral_mix")
-        def _spectral_mix_fake(x, k, out_channels):
-            torch._check(x.dim() == 3, lambda: f"x must be (C, P, F), got {tuple(x.shape)}")
-            c, p, f = x.shape
-            return x.new_empty((p, out_channels, f), dtype=torch.complex64)
+    @torch.library.register_fake("fastcount::gather_tiles")
+    def _gather_tiles_fake(x, t, step, ny, nx):
+        torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
+        return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t), dtype=torch.float32)
 
-    if hasattr(torch.ops.fastcount, "gather_tiles"):
-
-        @torch.library.register_fake("fastcount::gather_tiles")
-        def _gather_tiles_fake(x, t, step, ny, nx):
-            torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
-            return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t), dtype=torch.float32)
-
-    if hasattr(torch.ops.fastcount, "crop_tiles"):
-
-        @torch.library.register_fake("fastcount::crop_tiles")
-        def _crop_tiles_fake(tiles, n, ny, nx, b, height, width, slope):
-            torch._check(tiles.dim() == 4, lambda: f"tiles must be (P, O, t, t), got {tuple(tiles.shape)}")
-            return tiles.new_empty((n, height, width, tiles.shape[1]))
+    @torch.library.register_fake("fastcount::crop_tiles")
+    def _crop_tiles_fake(tiles, n, ny, nx, b, height, width, slope):
+        torch._check(tiles.dim() == 4, lambda: f"tiles must be (P, O, t, t), got {tuple(tiles.shape)}")
+        return tiles.new_empty((n, height, width, tiles.shape[1]))
 
 
 if has_compiled_ops():
@@ -244,7 +212,7 @@ def redundant_count_reference(count_map: torch.Tensor, patch_size: int = 32, str
 
 
 def make_targets(dots, patch_size: int = 32, stride: int = 1) -> torch.Tensor:
-    """Count-map targets from dot map(s) (SPEC §4).
+    """Count-map targets from dot map(s).
 
     Args:
         dots: ``(H, W)`` or ``(B, H, W)`` tensor/ndarray of per-pixel object

@@ -23,12 +23,13 @@ otherwise (``intensity_dtype`` says which, from the dtype alone).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["UINT16_SCALE", "intensity_dtype", "to_intensities", "tensor_to_intensities", "read_image_file"]
+__all__ = ["UINT16_SCALE", "intensity_dtype", "to_intensities", "tensor_to_intensities", "read_image_file", "image_to_tensor"]
 
 UINT16_SCALE = 257.0  # 65535 / 255: maps the full 16-bit range onto 0..255
 
@@ -198,3 +199,46 @@ def _pil_array(im) -> np.ndarray:
     if im.mode == "LA":
         return np.asarray(im)[:, :, 0]
     return np.asarray(im.convert("RGB"))
+
+
+def image_to_tensor(image, in_channels: int = 3) -> torch.Tensor:
+    """Image -> NCHW float32 tensor of 0..255 intensities.
+
+    Accepts an ``HxWxC`` or ``HxW`` numpy array or a ``CHW``/``NCHW`` tensor;
+    dtypes and channels follow the one pixel rule of this module
+    (uint8 as is, uint16 / 257, other integers and floats must lie in 0..255;
+    grayscale repeated to 3 channels, RGBA drops alpha).
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim in (2, 3) and 0 in image.shape[:2]:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        if in_channels == 3:  # the common case: the rule's own channel handling
+            return _float_nchw(to_intensities(image, "image"))
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3:
+            raise ValueError(f"image must be HxW or HxWxC, got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a numpy array or torch tensor, got {type(image).__name__}")
+    t = image[None] if image.dim() == 3 else image
+    if t.dim() != 4:
+        raise ValueError(f"image tensor must be CHW or NCHW, got shape {tuple(image.shape)}")
+    if t.shape[-1] < 1 or t.shape[-2] < 1:
+        raise ValueError(f"image is empty: shape {tuple(t.shape)}")
+    t = tensor_to_intensities(t, "image")
+    c = t.shape[1]
+    if c != in_channels:
+        if in_channels == 3 and c == 1:
+            t = t.expand(-1, 3, -1, -1)
+        elif in_channels == 3 and c == 4:
+            t = t[:, :3]
+        else:
+            raise ValueError(f"image has {c} channels, the model expects {in_channels}")
+    return t
+
+
+def _float_nchw(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: the float cast copies
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a).permute(2, 0, 1)[None].to(torch.float32, copy=True)  # never alias the caller's array

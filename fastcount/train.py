@@ -26,9 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .inference import compile as compile_backend
+from .inference.fft import use_fft_convs
 from .io import save_model
 from .model import CountCeption
-from .api import image_to_tensor
+from .pixels import image_to_tensor
 from .ops import make_targets, redundant_count
 from .devices import resolve_device
 from .files import atomic_path
@@ -123,8 +125,6 @@ def predict_counts(model: CountCeption, images, device="cpu", batch_size: int = 
     model.eval()
     out = []
     if backend != "eager":
-        from .inference import compile as compile_backend
-
         run = compile_backend(model, backend, device=device)
     else:
         run = model
@@ -319,8 +319,6 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     torch.manual_seed(cfg.seed)
     model = CountCeption(3, cfg.patch_size, cfg.stride, cfg.width).to(device)
     if cfg.fft:  # FFT for the large convs; parameters (and state-dict keys) are shared
-        from .inference.fft import use_fft_convs
-
         use_fft_convs(model)
     if cfg.head_init:
         init_head_from_targets(model, [dataset[i][1] for i in train_idx])
@@ -387,8 +385,6 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
 
     model.load_state_dict(best_state)
     if cfg.fft:  # hand back a plain CountCeption
-        from .inference.fft import use_fft_convs
-
         use_fft_convs(model, False)
     model.eval()
     result = TrainResult(model, best_mae, best_epoch, history, split, time.perf_counter() - t0)

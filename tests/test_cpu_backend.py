@@ -1,4 +1,6 @@
 """backend="cpu": folded, fused, FFT inference vs the eager module (random BN, odd sizes)."""
+import dataclasses
+
 import pytest
 import torch
 from conftest import randomize_bn, rel_err
@@ -139,8 +141,8 @@ def test_compile_dispatch_picks_cpu(monkeypatch):
     assert "cpu" in inference.available_backends("cpu")
     assert isinstance(fc_compile(model, backend="cpu"), CPUBackend)
     # "auto" on a CPU-only machine (triton not runnable) is the cpu backend
-    real = inference._module
-    monkeypatch.setattr(inference, "_module", lambda name: None if name == "triton" else real(name))
+    unavailable = dataclasses.replace(inference.REGISTRY["triton"], is_available=lambda device: False)
+    monkeypatch.setitem(inference.REGISTRY, "triton", unavailable)
     be = fc_compile(model, backend="auto")
     assert isinstance(be, CPUBackend) and be.precision == "fp32"
 

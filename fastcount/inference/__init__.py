@@ -3,69 +3,55 @@
 Every backend returns a callable with the contract of ``model(x)``: an NCHW
 float tensor of 0..255 intensities -> the count map ``(N, 1, H', W')``.
 
-- ``"eager"``: the plain module in eval mode (the reference).
-- ``"cpu"``: the CPU fast path (``fastcount.inference.cpu``), when built.
-- ``"triton"``: fused Triton kernels (``fastcount.inference.triton``): a CUDA
-  device, or ``TRITON_INTERPRET=1`` with CPU tensors.
-- ``"auto"``: triton on CUDA, cpu on CPU, else eager.
+- ``"eager"``: the plain module in eval mode (the reference, :mod:`.eager`).
+- ``"cpu"``: the CPU fast path (:mod:`.cpu`).
+- ``"triton"``: fused Triton kernels (:mod:`.triton`): a CUDA device, or
+  ``TRITON_INTERPRET=1`` with CPU tensors.
+- ``"auto"``: the backend that declares the device's type among its
+  ``auto_devices`` and is available there (triton on CUDA, cpu on the CPU),
+  else eager.
+
+A new backend is one module declaring a :class:`~.backend.Backend` and one
+entry in ``REGISTRY``.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from ..model import CountCeption
+from . import cpu, eager, triton
+from .backend import Backend
+from .eager import EagerBackend
 from .plan import FoldedConv, FoldedInception, Plan, fold
 from .rounding import Bf16Rounding, calibrate_bf16
 
-__all__ = ["compile", "available_backends", "fold", "Plan", "FoldedConv", "FoldedInception", "BACKENDS", "PRECISIONS",
-           "Bf16Rounding", "calibrate_bf16"]
+__all__ = ["compile", "available_backends", "auto_backend", "fold", "Plan", "FoldedConv", "FoldedInception",
+           "Backend", "REGISTRY", "BACKENDS", "PRECISIONS", "DEFAULT_BACKEND", "EagerBackend", "Bf16Rounding",
+           "calibrate_bf16"]
 
-BACKENDS = ("auto", "eager", "cpu", "triton")
-PRECISIONS = ("fp32", "bf16", "fp16")
-# backend name -> module defining build(model, precision, device) -> callable
-_MODULES = {"cpu": "fastcount.inference.cpu", "triton": "fastcount.inference.triton"}
-
-
-class EagerBackend:
-    """The reference: the nn.Module in eval mode under inference_mode (autocast for bf16/fp16)."""
-
-    name = "eager"
-
-    def __init__(self, model: CountCeption, precision: str = "fp32"):
-        self.model = model.eval()
-        self.precision = precision
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precision == "fp32":
-            return self.model(x)
-        dt = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        with torch.autocast(x.device.type, dtype=dt):
-            return self.model(x).float()
-
-
-def _module(backend: str):
-    try:
-        return importlib.import_module(_MODULES[backend])
-    except ImportError:
-        return None
+# name -> Backend, in the order they are listed (the reference first).
+REGISTRY = {b.name: b for b in (eager.BACKEND, cpu.BACKEND, triton.BACKEND)}
+DEFAULT_BACKEND = "auto"
+BACKENDS = (DEFAULT_BACKEND, *REGISTRY)
+PRECISIONS = tuple(dict.fromkeys(p for b in REGISTRY.values() for p in b.precisions))  # fp32, bf16, fp16
 
 
 def available_backends(device="cpu") -> list[str]:
     """Backends that can run on ``device`` in this installation."""
     dev = torch.device(device)
-    out = ["eager"]
-    if _module("cpu") is not None and dev.type == "cpu":
-        out.append("cpu")
-    mod = _module("triton")
-    if mod is not None and getattr(mod, "is_available", lambda d: False)(dev):
-        out.append("triton")
-    return out
+    return [name for name, b in REGISTRY.items() if b.is_available(dev)]
 
 
-def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32", device=None, **options):
+def auto_backend(device) -> Backend:
+    """What ``backend="auto"`` runs on ``device``."""
+    dev = torch.device(device)
+    for b in REGISTRY.values():
+        if dev.type in b.auto_devices and b.is_available(dev):
+            return b
+    return eager.BACKEND
+
+
+def compile(model: CountCeption, backend: str = DEFAULT_BACKEND, precision: str = "fp32", device=None, **options):
     """Turn an eval-mode CountCeption into a fast inference callable (see module doc).
 
     ``options`` go to the chosen backend's ``build``: for "cpu" ``fft_size``, ``large``,
@@ -79,15 +65,5 @@ def compile(model: CountCeption, backend: str = "auto", precision: str = "fp32",
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    if backend == "auto":
-        avail = available_backends(dev)
-        # On the CPU "triton" is Triton's interpreter (for tests, ~1000x slower): never chosen automatically.
-        backend = "triton" if dev.type == "cuda" and "triton" in avail else "cpu" if "cpu" in avail else "eager"
-    if backend == "eager":
-        if options:
-            raise TypeError(f"backend 'eager' takes no options, got {sorted(options)}")
-        return EagerBackend(model, precision)
-    mod = _module(backend)
-    if mod is None:
-        raise ValueError(f"backend {backend!r} is not available in this installation")
-    return mod.build(model, precision=precision, device=dev, **options)
+    chosen = auto_backend(dev) if backend == "auto" else REGISTRY[backend]
+    return chosen.build(model, precision=precision, device=dev, **options)

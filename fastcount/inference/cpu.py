@@ -7,14 +7,15 @@ What runs where (activations NHWC / channels_last throughout):
   block's two branches run either as ONE 3x3 conv (the 1x1 weights at the
   centre tap, output channels concatenated: no torch.cat, one pass) or as two
   convs + cat; the merged form costs 9x the 1x1 branch's multiply-adds, so
-  fp32 picks per block by a cost model (multiply-adds + bytes moved), bf16
-  (where AMX makes multiply-adds cheap) always merges.
+  fp32 picks per block by a cost model (multiply-adds + bytes moved), bf16 on
+  AMX by a roofline per conv (AMX makes the merged form's extra multiply-adds
+  nearly free where a block is memory-bound).
 - the two large valid convs (14x14, 18x18 for r = 32): FFT overlap-save
   (:class:`fastcount.inference.fft.SpectralConv`), FFT size per layer and
   input shape from a cost model, weight spectra cached per FFT size. In bf16
   on CPUs with AMX tiles, a layer runs as a direct oneDNN bf16 conv instead
-  where a fitted cost says that is cheaper (``large="auto"``): the 14x14
-  (48 -> 16 channels) does, the 18x18 (128 -> 32) runs by FFT (in fp32, fed
+  where a fitted cost says that is cheaper (``large="auto"``): at width 1 the
+  14x14 (48 -> 16 channels) does, the 18x18 (128 -> 32) runs by FFT (in fp32, fed
   bf16 activations by the tile gather).
 - the 1x1 head: oneDNN 1x1 convs with the LeakyReLU fused on the NHWC map
   (matmuls on an NCHW one), on the stride-s subsampled map (1x1 convs commute
@@ -39,22 +40,23 @@ import torch
 import torch.nn.functional as F
 
 from ..model import CountCeption
-from .fft import SpectralConv
+from ..model import FIRST, INCEPTION, LARGE
+from .backend import Backend, check_input
+from .fft import MIN_FFT_KERNEL, SpectralConv
 from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
 from .rounding import Bf16Rounding
 
-__all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "PRECISIONS"]
+__all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "is_available", "PRECISIONS", "BACKEND"]
 
 PRECISIONS = ("fp32", "bf16")
+_CPU = torch.device("cpu")
 _pw = torch.ops.mkldnn._convolution_pointwise
 
 # Inception merge cost model (per output pixel): multiply-adds + bytes * (MAC rate / bandwidth).
 # Calibrated on the 2-core AVX-512 machine: oneDNN fp32 3x3 convs reach ~180 G MAC/s,
 # streaming passes ~8 GB/s, so one byte moved costs about as much as 22 multiply-adds.
 _BYTE_IN_MACS = 22.5
-# Smallest large-conv kernel worth an FFT; below it oneDNN's direct conv wins.
-_MIN_FFT_KERNEL = 5
 
 
 def bf16_supported() -> bool:
@@ -284,15 +286,11 @@ class CPUBackend:
         if large == "auto":
             large = "fft"
 
-        layers, rlayers = list(plan.layers), list(rounded.layers)
-        n_head = 0
-        while n_head < len(layers) and isinstance(layers[-1 - n_head], FoldedConv) and layers[-1 - n_head].kernel == 1:
-            n_head += 1
-        body, head = layers[: len(layers) - n_head], layers[len(layers) - n_head :]
+        body, head = plan.split_head()
         self.ops = []
         merged, larges, n_large = [], [], 0
-        for layer, rlayer in zip(body, rlayers):
-            if isinstance(layer, FoldedInception):
+        for role, layer, rlayer in zip(plan.roles, body, rounded.layers):
+            if role == INCEPTION:
                 if merge == "auto":
                     shape = (layer.branch3.in_channels, layer.branch1.out_channels, layer.branch3.out_channels)
                     if precision == "bf16":
@@ -305,8 +303,8 @@ class CPUBackend:
                     do_merge = merge
                 self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, do_merge))
                 merged.append(do_merge)
-            elif layer.padding == 0 and layer.kernel > 1:
-                method = large if layer.kernel >= _MIN_FFT_KERNEL else "direct"
+            elif role == LARGE:
+                method = large if layer.kernel >= MIN_FFT_KERNEL else "direct"
                 if amx_direct and method == "fft" and _amx_direct_cheaper(layer.in_channels, layer.out_channels, layer.kernel):
                     method = "direct"
                 size = fft_size[n_large] if isinstance(fft_size, (tuple, list)) else fft_size
@@ -315,13 +313,13 @@ class CPUBackend:
                 larges.append((layer.kernel, method))
                 n_large += 1
             else:
-                if layer.stride != 1:
+                if role != FIRST or layer.stride != 1:
                     raise ValueError(f"only the final 1x1 conv may have a stride, got {layer}")
                 # bf16 keeps the first conv (3 input channels, cheap) in fp32: rounding its
                 # weights to bf16 shifts every pixel of the map the same way, a count bias
                 # that does not average out (measured: 4x larger count error).
                 self.ops.append(_Conv(layer.weight, layer.bias, layer.padding, layer.slope, torch.float32))
-        # The head is cheap too (1x1 convs on <= 64 channels); fp32 keeps the count sum exact-ish.
+        # The head is cheap too (1x1 convs on 64 channels at width 1); fp32 keeps the count sum exact-ish.
         self.head = _Head(head, torch.float32) if head else None
         self.choice = _Choice(precision, tuple(merged), tuple(larges), fft_size)
 
@@ -338,20 +336,8 @@ class CPUBackend:
                 h, w = h - k + 1, w - k + 1
         return out
 
-    def _check(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be an (N, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor of 0..255 intensities, got dtype {x.dtype}")
-        if x.device.type != "cpu":
-            raise ValueError(f"x must be on the CPU for the cpu backend, got device {x.device}")
-        if min(x.shape) < 1:
-            raise ValueError(f"x must have a non-empty batch and spatial size, got shape {tuple(x.shape)}")
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        check_input(x, self.in_channels, _CPU, self.name)
         old = torch.get_num_threads()
         want = self.threads or _all_cores()
         if want != old:
@@ -439,3 +425,11 @@ def build(model: CountCeption, precision: str = "fp32", device=None, **options) 
                               stacklevel=3)
                 rounding = None
     return CPUBackend(plan, precision, rounding=rounding, **options)
+
+
+def is_available(device) -> bool:
+    """The CPU fast path runs on the CPU only."""
+    return torch.device(device).type == "cpu"
+
+
+BACKEND = Backend("cpu", PRECISIONS, is_available=is_available, build=build, auto_devices=("cpu",))

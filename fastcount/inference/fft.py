@@ -1,4 +1,4 @@
-"""Large-kernel convolution by FFT overlap-save (SPEC §7), for inference and training.
+"""Large-kernel convolution by FFT overlap-save, for inference and training.
 
 A valid (pad 0, stride 1) cross-correlation with a ``k x k`` kernel is cut into
 output tiles of ``B = T - k + 1`` pixels; each tile reads a ``T x T`` input tile
@@ -29,6 +29,9 @@ import threading
 import torch
 from torch import nn
 
+from .._ext import has_compiled_ops
+from ..model import LARGE
+
 __all__ = [
     "smooth_sizes",
     "fft_cost",
@@ -57,6 +60,8 @@ _TRANSFORM_S = 8.8e-8  # fixed overhead per 2-D transform
 # F * C * O complex (packed for the compiled mixing op), about 140 MB at T = 128, and
 # twice that in the real-block form of the GEMM fallback (and grows with T^2).
 MAX_FFT = 128
+# Smallest large-conv kernel worth an FFT in inference; below it oneDNN's direct conv wins.
+MIN_FFT_KERNEL = 5
 
 
 def smooth_sizes(lo: int, hi: int) -> list[int]:
@@ -252,11 +257,8 @@ class FFTConv2d(nn.Module):
 
 
 def _large_convs(model):
-    """The two large valid convs of a CountCeption (ConvBNAct blocks whose conv has k > 3)."""
-    from ..model import ConvBNAct
-
-    blocks = [m for m in model.layers if isinstance(m, ConvBNAct) and m[0].kernel_size[0] > 3 and m[0].padding[0] == 0]
-    return blocks
+    """The large valid convs of a CountCeption worth an FFT in training (kernel > 3)."""
+    return [m for role, m in zip(model.roles, model.layers) if role == LARGE and m.conv.kernel_size[0] > 3]
 
 
 def use_fft_convs(model, enabled: bool = True, fft_size: int | None = None):
@@ -283,22 +285,14 @@ _MIX_BLOCK = 16
 _MIX_OGROUP = 4
 
 
-def _has_op(name: str) -> bool:
-    """True when the compiled CPU op ``fastcount::<name>`` is available (extensions built
-    before an op was added lack it)."""
-    from ..ops import has_compiled_ops
-
-    return has_compiled_ops() and hasattr(torch.ops.fastcount, name)
-
-
 def has_gather_tiles_op() -> bool:
     """True when the compiled ``fastcount::gather_tiles`` CPU op is available."""
-    return _has_op("gather_tiles")
+    return has_compiled_ops()
 
 
 def has_crop_tiles_op() -> bool:
     """True when the compiled ``fastcount::crop_tiles`` CPU op is available."""
-    return _has_op("crop_tiles")
+    return has_compiled_ops()
 
 
 def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Tensor:
@@ -322,7 +316,7 @@ def _gather_rfft2(x: torch.Tensor, t: int, b: int, ny: int, nx: int) -> torch.Te
 
 def has_spectral_mix_op() -> bool:
     """True when the compiled ``fastcount::spectral_mix`` CPU op is available."""
-    return _has_op("spectral_mix")
+    return has_compiled_ops()
 
 
 def pack_spectrum(k: torch.Tensor) -> torch.Tensor:
@@ -401,7 +395,7 @@ def spectral_mix(x: torch.Tensor, k: torch.Tensor, compiled: bool | None = None)
     if compiled is None:
         compiled = has_spectral_mix_op()
     elif compiled and not has_spectral_mix_op():
-        raise RuntimeError("the compiled fastcount::spectral_mix op is not available (fastcount._C not built or too old)")
+        raise RuntimeError("the compiled fastcount::spectral_mix op is not available (fastcount._C not built)")
     x = x.to(torch.complex64)
     spec = pack_spectrum(k) if compiled else _block_spectrum(k)
     return _mix(x, spec, k.shape[2])

@@ -27,14 +27,14 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ..ops import _C, has_compiled_ops
+from .._ext import _C, has_compiled_ops
 
 __all__ = ["pooled", "available", "release", "set_limit", "stats"]
 
 
 def available() -> bool:
     """True when the compiled pool exists and ``FASTCOUNT_MEMORY_POOL`` is not ``0``."""
-    return has_compiled_ops() and hasattr(_C, "pool_enter") and os.environ.get("FASTCOUNT_MEMORY_POOL", "1") != "0"
+    return has_compiled_ops() and os.environ.get("FASTCOUNT_MEMORY_POOL", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def pooled(enabled: bool = True):
 
 def release() -> None:
     """Free every idle cached block (tensors still alive are unaffected)."""
-    if has_compiled_ops() and hasattr(_C, "pool_release"):
+    if has_compiled_ops():
         _C.pool_release()
 
 
@@ -60,7 +60,7 @@ def set_limit(nbytes: int) -> None:
     """Cap the idle cached bytes; blocks freed beyond the cap go back to the OS."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
-    if has_compiled_ops() and hasattr(_C, "pool_set_limit"):
+    if has_compiled_ops():
         _C.pool_set_limit(nbytes)
 
 
@@ -69,6 +69,6 @@ def stats() -> dict:
 
     All zero without the compiled extension.
     """
-    if has_compiled_ops() and hasattr(_C, "pool_stats"):
+    if has_compiled_ops():
         return _C.pool_stats()
     return {"idle_bytes": 0, "live_bytes": 0, "hits": 0, "misses": 0, "depth": 0, "limit": 0}

@@ -1,8 +1,11 @@
 """Fold an eval-mode CountCeption into an immutable inference plan.
 
 Every ConvBNAct becomes one conv with bias and a LeakyReLU epilogue:
-``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``
-(SPEC §2). Backends consume the plan, never the nn.Module.
+``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``.
+Each folded layer keeps the role the model gives it (``fastcount.model.ROLES``:
+first conv, Inception block, large valid conv, head), so backends ask the plan
+what a layer is instead of guessing from its shape. Backends consume the plan,
+never the nn.Module.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import Geometry
-from ..model import LEAKY_SLOPE, ConvBNAct, CountCeption, Inception
+from ..model import HEAD, LEAKY_SLOPE, ROLES, ConvBNAct, CountCeption, Inception
 
 __all__ = ["FoldedConv", "FoldedInception", "Plan", "fold", "fold_conv"]
 
@@ -77,11 +80,27 @@ class FoldedInception:
 
 @dataclass(frozen=True)
 class Plan:
-    """Folded layers in forward order: FoldedConv or FoldedInception."""
+    """Folded layers in forward order (FoldedConv or FoldedInception), each with its role."""
 
     layers: tuple
     geometry: Geometry
     in_channels: int
+    roles: tuple = ROLES  # roles[i]: what layers[i] is (fastcount.model.FIRST, INCEPTION, LARGE, HEAD)
+
+    def __post_init__(self):
+        if len(self.roles) != len(self.layers):
+            raise ValueError(f"a plan needs one role per layer, got {len(self.roles)} roles for {len(self.layers)} layers")
+
+    def with_roles(self):
+        """``(role, layer)`` pairs in forward order."""
+        return zip(self.roles, self.layers)
+
+    def split_head(self) -> tuple[list, list]:
+        """``(body, head)``: the layers before the trailing head convs, and those convs."""
+        n_body = len(self.roles)
+        while n_body and self.roles[n_body - 1] == HEAD:
+            n_body -= 1
+        return list(self.layers[:n_body]), list(self.layers[n_body:])
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -95,7 +114,7 @@ class Plan:
         layers = tuple(
             FoldedInception(mv(l.branch1), mv(l.branch3)) if isinstance(l, FoldedInception) else mv(l) for l in self.layers
         )
-        return Plan(layers, self.geometry, self.in_channels)
+        return Plan(layers, self.geometry, self.in_channels, self.roles)
 
 
 @torch.no_grad()
@@ -119,6 +138,6 @@ def fold(model: CountCeption, dtype=torch.float32) -> Plan:
             layers.append(FoldedInception(fold_conv(m.branch1), fold_conv(m.branch3)))
         else:
             layers.append(fold_conv(m))
-    plan = Plan(tuple(layers), model.geometry, model.in_channels)
+    plan = Plan(tuple(layers), model.geometry, model.in_channels, model.roles)
     device = next(model.parameters()).device
     return plan.to(device, dtype)

@@ -25,15 +25,24 @@ rounding=r)`` uses them, ``save_model`` stores them with the weights and
 """
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..model import CountCeption
+from ..model import INCEPTION, LARGE, CountCeption
+from ..pixels import image_to_tensor
+from .fft import MIN_FFT_KERNEL, fft_conv2d
 from .plan import FoldedConv, FoldedInception, Plan, fold
 
-__all__ = ["Bf16Rounding", "calibrate_bf16", "bf16_layer_names"]
+__all__ = ["Bf16Rounding", "calibrate_bf16", "bf16_layer_names", "current_rounding", "STATE_PREFIX",
+           "METADATA_KEY"]
+
+# Key prefix of the rounding's tensors in a weights file (beside the model's state dict).
+STATE_PREFIX = "bf16_rounding."
+METADATA_KEY = "bf16_rounding"
 
 
 def bf16_layer_names(plan: Plan) -> list[str]:
@@ -42,10 +51,10 @@ def bf16_layer_names(plan: Plan) -> list[str]:
     The first conv (3 input channels) and the trailing 1x1 head stay fp32 in every backend.
     """
     names = []
-    for i, layer in enumerate(plan.layers):
-        if isinstance(layer, FoldedInception):
+    for i, (role, layer) in enumerate(plan.with_roles()):
+        if role == INCEPTION:
             names += [f"layers.{i}.branch1", f"layers.{i}.branch3"]
-        elif layer.padding == 0 and layer.kernel > 1:
+        elif role == LARGE:
             names.append(f"layers.{i}")
     return names
 
@@ -68,16 +77,13 @@ def _replace(plan: Plan, new: dict[str, FoldedConv]) -> Plan:
                                           new.get(f"layers.{i}.branch3", layer.branch3)))
         else:
             layers.append(new.get(f"layers.{i}", layer))
-    return Plan(tuple(layers), plan.geometry, plan.in_channels)
+    return Plan(tuple(layers), plan.geometry, plan.in_channels, plan.roles)
 
 
 def _forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """plan.reference(x), with the large valid convs by FFT (differentiable; ~3x faster backward on a CPU)."""
-    from .cpu import _MIN_FFT_KERNEL  # the cpu backend's rule for which convs run by FFT
-    from .fft import fft_conv2d
-
-    for layer in plan.layers:
-        if isinstance(layer, FoldedConv) and layer.padding == 0 and layer.kernel >= _MIN_FFT_KERNEL:
+    for role, layer in plan.with_roles():
+        if role == LARGE and layer.kernel >= MIN_FFT_KERNEL:
             x = torch.nn.functional.leaky_relu(fft_conv2d(x, layer.weight, layer.bias), layer.slope)
         else:
             x = layer.reference(x)
@@ -148,6 +154,35 @@ class Bf16Rounding:
                                    conv.kernel, conv.padding, conv.stride, conv.slope)
         return _replace(plan, new)
 
+    def to_state(self) -> tuple[dict, dict]:
+        """``(tensors, metadata)`` to store beside a model's weights: the bf16 tensors under
+        :data:`STATE_PREFIX`, the calibration info as one JSON metadata string."""
+        tensors = {STATE_PREFIX + k: v.contiguous() for k, v in self.tensors.items()}
+        return tensors, {METADATA_KEY: json.dumps(self.info)}
+
+    @classmethod
+    def from_state(cls, tensors: dict, metadata: dict) -> "Bf16Rounding | None":
+        """The rounding stored by :meth:`to_state` (its keys are removed from ``tensors``), or None."""
+        keys = [k for k in tensors if k.startswith(STATE_PREFIX)]
+        if not keys:
+            return None
+        values = {k[len(STATE_PREFIX):]: tensors.pop(k) for k in keys}
+        return cls(values, json.loads(metadata.get(METADATA_KEY, "{}")))
+
+
+def current_rounding(model: CountCeption) -> "Bf16Rounding | None":
+    """``model.bf16_rounding`` if it still matches the weights; a stale one is dropped with a warning."""
+    rounding = model.bf16_rounding
+    if rounding is None:
+        return None
+    try:
+        rounding.check(fold(model, dtype=torch.float64).to("cpu"))
+    except ValueError as e:
+        warnings.warn(f"not saving model.bf16_rounding, it no longer matches the weights "
+                      f"(calibrate again with fastcount.inference.calibrate_bf16): {e}", stacklevel=3)
+        return None
+    return rounding
+
 
 def _null_first_order(G: np.ndarray, d: np.ndarray, step: np.ndarray, batch: int = 256, max_passes: int = 500):
     """Greedy flips to the other neighbour that drive ``G @ d`` towards 0.
@@ -185,15 +220,13 @@ def calibrate_bf16(model: CountCeption, images, progress: bool = False) -> Bf16R
     Args:
         model: the CountCeption to calibrate (its current BN statistics are folded).
         images: a few (4-16) images of the kind you will count: HxWx3 uint8 arrays or
-            CHW / NCHW float tensors of 0..255 intensities (see ``fastcount.api.image_to_tensor``).
+            CHW / NCHW float tensors of 0..255 intensities (see ``fastcount.pixels.image_to_tensor``).
             Larger images calibrate better; 256x256 is plenty.
         progress: show a tqdm bar over the images (one backward pass each).
 
     Returns a :class:`Bf16Rounding`; pass it as ``compile(..., precision="bf16", rounding=...)``
     or set ``model.bf16_rounding`` so ``save_model`` stores it.
     """
-    from ..api import image_to_tensor
-
     if not isinstance(model, CountCeption):
         raise TypeError(f"model must be a CountCeption, got {type(model).__name__}")
     if isinstance(images, (np.ndarray, torch.Tensor)) and getattr(images, "ndim", 0) == 4:
@@ -213,7 +246,7 @@ def calibrate_bf16(model: CountCeption, images, progress: bool = False) -> Bf16R
     plan = fold(model, dtype=torch.float64).to("cpu")
     convs = _convs(plan)
     names = bf16_layer_names(plan)
-    redundancy = float((model.patch_size / model.stride) ** 2)
+    redundancy = float(model.geometry.redundancy)
 
     # Gradients of each image's count with respect to the folded parameters (fp32 reference).
     leaves = {}

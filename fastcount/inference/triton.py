@@ -22,12 +22,14 @@ import importlib
 
 import torch
 
-from ..model import CountCeption
-from .plan import FoldedConv, FoldedInception, Plan, fold
+from ..model import INCEPTION, CountCeption
+from .backend import Backend, check_input
+from .plan import Plan, fold
 
-__all__ = ["TritonBackend", "build", "is_available"]
+__all__ = ["TritonBackend", "build", "is_available", "PRECISIONS", "BACKEND"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(_DTYPES)
 
 
 def _kernels():
@@ -105,50 +107,30 @@ class TritonBackend:
         self.geometry = plan.geometry
         self.in_channels = plan.in_channels
         plan = plan.to(dev, torch.float32)
-        layers = list(plan.layers)
-
-        # The head: the trailing three 1x1 convs ending in one channel.
-        tail = layers[-3:]
-        if not (
-            len(layers) >= 4
-            and all(isinstance(c, FoldedConv) and c.kernel == 1 and c.padding == 0 for c in tail)
-            and tail[0].stride == 1 and tail[1].stride == 1 and tail[2].out_channels == 1
-        ):
-            raise ValueError("plan must end in three 1x1 convs (C -> C1 -> C2 -> 1), as CountCeption does")
-        body, out_stride = layers[:-3], tail[2].stride
+        body, tail = plan.split_head()
+        if not (body and len(tail) == 3 and tail[0].stride == 1 and tail[1].stride == 1 and tail[2].out_channels == 1):
+            raise ValueError("plan must end in three 1x1 head convs (C -> C1 -> C2 -> 1), as CountCeption does")
+        out_stride = tail[2].stride
         self.stages = []  # (kind, weights, stride override)
-        for i, layer in enumerate(body):
-            if isinstance(layer, FoldedInception):
+        for i, (role, layer) in enumerate(zip(plan.roles, body)):
+            if role == INCEPTION:
                 self.stages.append(("inception", inception.prepare(layer, self.dtype), None))
-            elif isinstance(layer, FoldedConv):
+            else:
                 s = layer.stride
                 if i == len(body) - 1 and out_stride > 1:
                     if s != 1:
                         raise ValueError("plan has strides on both the last body conv and the head")
                     s = out_stride  # evaluate only the pixels the strided head keeps
                 self.stages.append(("conv", conv_bn_lrelu.prepare(layer, self.dtype), s))
-            else:
-                raise TypeError(f"unexpected plan layer {type(layer).__name__}")
         self._head = head.prepare(tail, self.dtype)
         # The stride went into the conv before the head; otherwise the head samples it.
-        self._head_stride = 1 if isinstance(body[-1], FoldedConv) else out_stride
-
-    def _check(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be an (N, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating tensor of 0..255 intensities, got {x.dtype}")
-        dev = x.device
-        if dev.type != self.device.type or (dev.type == "cuda" and dev.index != self.device.index):
-            raise ValueError(f"x must be on {self.device} (where the backend's weights are), got {dev}")
+        self._head_stride = out_stride if plan.roles[len(body) - 1] == INCEPTION else 1
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, emit_sums: bool = False):
         """Count map ``(N, 1, H', W')`` fp32; with ``emit_sums`` also per-image
         sums of the map ``(N,)`` float64, reduced from the head's per-tile sums."""
-        self._check(x)
+        check_input(x, self.in_channels, self.device, self.name)
         # Triton launches on the current CUDA device: make it the weights' device.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             h = x.permute(0, 2, 3, 1)  # NHWC view: the first conv reads NCHW through strides, no copy
@@ -198,3 +180,7 @@ def build(model: CountCeption, precision: str = "fp32", device=None, tf32: bool 
     if not is_available(dev):
         raise ValueError(f"device {dev} cannot run the triton backend: {_unavailable_reason(dev)}")
     return TritonBackend(fold(model, torch.float32), precision=precision, device=dev, tf32=tf32)
+
+
+# On the CPU "triton" is Triton's interpreter (for tests, ~1000x slower): "auto" picks it on CUDA only.
+BACKEND = Backend("triton", PRECISIONS, is_available=is_available, build=build, auto_devices=("cuda",))
