@@ -239,7 +239,7 @@ def _stats(job: SlideJob, acc: Accumulator, *, t_start, t_compute, rss_reset, re
     n_tiles = len(job.plan.tiles)
     seconds = time.perf_counter() - t_start
     # The count map also covers the r-pixel margin past the image: count image pixels only.
-    mpx = acc.area_added * ((H * W) / ((H + geometry.r) * (W + geometry.r))) / 1e6
+    mpx = acc.area_added * ((H * W) / (geometry.full_size(H) * geometry.full_size(W))) / 1e6
     return {
         "tiles_total": n_tiles,
         "tiles_processed": acc.tiles_added,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from ..files import atomic_path
 
@@ -81,10 +82,15 @@ class SlideCount:
             return float(self.downsample), float(self.downsample)
         return self.level0_shape[0] / self.shape[0], self.level0_shape[1] / self.shape[1]
 
+    @property
+    def window_offset(self) -> float:
+        """Count-map row (full resolution) ``Y``'s window is centred on image row ``Y - window_offset``."""
+        return self.patch_size / 2
+
     def block_box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """Image box (y0, x0, y1, x1) of density block (i, j) at the counted level, clipped to the image."""
         side = self.cell * self.stride
-        off = self.patch_size / 2
+        off = self.window_offset
         H, W = self.shape
         y0, x0 = max(i * side - off, 0.0), max(j * side - off, 0.0)
         y1, x1 = min((i + 1) * side - off, H), min((j + 1) * side - off, W)
@@ -159,8 +165,6 @@ class SlideCount:
 
     def save_heatmap(self, path, alpha: float = 0.55, max_side: int = 1024):
         """PNG: the density over a thumbnail of the slide, with a colour bar (counts per block)."""
-        from PIL import Image, ImageDraw
-
         H, W = self.shape
         scale = min(1.0, max_side / max(H, W))
         th, tw = max(1, int(round(H * scale))), max(1, int(round(W * scale)))
@@ -170,8 +174,8 @@ class SlideCount:
             base = np.full((th, tw, 3), 128.0)
         # Block of each thumbnail pixel: image row y -> count-map full-res row y + r/2.
         side = self.cell * self.stride
-        ys = ((np.arange(th) + 0.5) * H / th + self.patch_size / 2) // side
-        xs = ((np.arange(tw) + 0.5) * W / tw + self.patch_size / 2) // side
+        ys = ((np.arange(th) + 0.5) * H / th + self.window_offset) // side
+        xs = ((np.arange(tw) + 0.5) * W / tw + self.window_offset) // side
         ys = np.clip(ys.astype(np.int64), 0, self.density.shape[0] - 1)
         xs = np.clip(xs.astype(np.int64), 0, self.density.shape[1] - 1)
         d = self.density[ys[:, None], xs[None, :]]
