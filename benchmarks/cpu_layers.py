@@ -147,7 +147,7 @@ def main(argv=None):
 
 def mix_compare(be, ins, names, rounds):
     """Each FFT layer with the compiled mixing op and with the GEMM fallback, rounds interleaved."""
-    from fastcount.inference.fft import SpectralConv, has_spectral_mix_op
+    from fastcount.inference.spectral import SpectralConv, has_spectral_mix_op
 
     if not has_spectral_mix_op():
         print("\n--mix: the compiled fastcount::spectral_mix op is not built")

@@ -10,19 +10,21 @@ import torch.nn.functional as F
 from conftest import randomize_bn, rel_err
 
 from fastcount.inference.fft import (
+    FFTConv2d,
+    choose_fft_size,
+    fft_conv2d,
+    kernel_spectrum,
+    smooth_sizes,
+    use_fft_convs,
+)
+from fastcount.inference.spectral import (
     _gather_rfft2,
     has_crop_tiles_op,
     has_gather_tiles_op,
-    FFTConv2d,
     SpectralConv,
-    choose_fft_size,
-    fft_conv2d,
     has_spectral_mix_op,
-    kernel_spectrum,
     pack_spectrum,
-    smooth_sizes,
     spectral_mix,
-    use_fft_convs,
 )
 from fastcount.model import CountCeption
 
@@ -318,7 +320,7 @@ def test_spectral_conv_without_extension_uses_gemm_fallback(tmp_path):
     code = (
         "import sys; sys.modules['fastcount._C'] = None\n"  # makes `from . import _C` raise ImportError
         "import torch, torch.nn.functional as F\n"
-        "from fastcount.inference.fft import SpectralConv, has_spectral_mix_op, spectral_mix\n"
+        "from fastcount.inference.spectral import SpectralConv, has_spectral_mix_op, spectral_mix\n"
         "assert not has_spectral_mix_op()\n"
         "g = torch.Generator().manual_seed(%d)\n"
         "x, w, b = torch.randn(1, 5, 23, 20, generator=g), torch.randn(3, 5, 6, 6, generator=g) / 6, torch.randn(3, generator=g)\n"
@@ -399,7 +401,7 @@ def test_gather_tiles_op_errors_and_fake_kernel():
 
 
 def test_spectral_conv_with_and_without_gather_op(monkeypatch):
-    import fastcount.inference.fft as fft_mod
+    import fastcount.inference.spectral as fft_mod
 
     g = torch.Generator().manual_seed(SEED + 7)
     x = torch.randn(2, 45, 38, 6, generator=g)
@@ -454,7 +456,7 @@ def test_crop_tiles_op_errors_and_fake_kernel():
 
 
 def test_spectral_conv_with_and_without_crop_op(monkeypatch):
-    import fastcount.inference.fft as fft_mod
+    import fastcount.inference.spectral as fft_mod
 
     g = torch.Generator().manual_seed(SEED + 11)
     x = torch.randn(2, 47, 39, 7, generator=g)

@@ -11,7 +11,7 @@ What runs where (activations NHWC / channels_last throughout):
   AMX by a roofline per conv (AMX makes the merged form's extra multiply-adds
   nearly free where a block is memory-bound).
 - the two large valid convs (14x14, 18x18 for r = 32): FFT overlap-save
-  (:class:`fastcount.inference.fft.SpectralConv`), FFT size per layer and
+  (:class:`fastcount.inference.spectral.SpectralConv`), FFT size per layer and
   input shape from a cost model, weight spectra cached per FFT size. In bf16
   on CPUs with AMX tiles, a layer runs as a direct oneDNN bf16 conv instead
   where a fitted cost says that is cheaper (``large="auto"``): at width 1 the
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..model import CountCeption
 from ..model import FIRST, INCEPTION, LARGE
 from .backend import Backend, check_input
-from .fft import MIN_FFT_KERNEL, SpectralConv
+from .spectral import MIN_FFT_KERNEL, SpectralConv
 from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
 from .rounding import Bf16Rounding

@@ -34,8 +34,9 @@ import torch
 
 from ..model import INCEPTION, LARGE, CountCeption
 from ..pixels import image_to_tensor
-from .fft import MIN_FFT_KERNEL, fft_conv2d
+from .fft import fft_conv2d
 from .plan import FoldedConv, FoldedInception, Plan, fold
+from .spectral import MIN_FFT_KERNEL
 
 __all__ = ["Bf16Rounding", "calibrate_bf16", "bf16_layer_names", "current_rounding", "STATE_PREFIX",
            "METADATA_KEY"]
