@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..api import resolve_model
 from ..devices import resolve_device
+from ..inference import DEFAULT_BACKEND
 from ..inference import compile as compile_backend
 from ..model import CountCeption
 from ..system import peak_rss_mb, reset_peak_rss
@@ -49,7 +50,7 @@ TileConsumer = Callable[[Tile, torch.Tensor], None]
 
 @torch.inference_mode()
 def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, batch_size=None, device="auto",
-                backend="auto", precision="fp32", mask="auto", workers=None, progress=True, cell=None,
+                backend=DEFAULT_BACKEND, precision="fp32", mask="auto", workers=None, progress=True, cell=None,
                 checkpoint=None, checkpoint_every: float = 30.0, queue_depth=None, pin_memory=None) -> SlideCount:
     """Count objects in a slide or image of any size, tile by tile, exactly.
 
