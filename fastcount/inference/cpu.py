@@ -326,8 +326,8 @@ class CPUBackend:
     def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
         """The FFT size each FFT layer would use for an input of this size (for reports)."""
         out, h, w = [], height, width
-        pad = self.geometry.first_pad
-        h, w = h + 2 * pad - 2, w + 2 * pad - 2
+        grow = 2 * self.geometry.first_pad - (self.geometry.kernels[0] - 1)  # the first conv's output side - input side
+        h, w = h + grow, w + grow
         for op in self.ops:
             if isinstance(op, _Large):
                 k = op.kernel
