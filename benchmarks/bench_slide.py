@@ -20,7 +20,7 @@ import torch
 import fastcount
 from fastcount.data.synth import cell_image, write_synthetic_slide
 from fastcount.ops import redundant_count
-from fastcount.slide.engine import peak_rss_mb, reset_peak_rss
+from fastcount.system import peak_rss_mb, reset_peak_rss
 
 TILE = 512
 

@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from .inference import BACKENDS, DEFAULT_BACKEND, PRECISIONS
+from . import __version__
+from .data import load_dataset, read_image
+from .data.synth import write_synthetic_slide
+from .devices import resolve_device
+from .inference import BACKENDS, DEFAULT_BACKEND, PRECISIONS, calibrate_bf16
+from . import io as weights_io  # default_weights_path read at call time (tests point it elsewhere)
+from .io import load_model, save_model
+from .model import CountCeption
+from .ops import has_compiled_ops
+from .plots import plot_learning_curves
+from .slide import count_slide
 from .slide.plan import DEFAULT_TILE
+from .train import TrainConfig, evaluate, run_protocol, split_indices, train
 
 __all__ = ["main", "build_parser"]
 
@@ -61,7 +71,6 @@ def _count_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
 
     ap = argparse.ArgumentParser(prog="fastcount", description="Count-ception cell counting, fast and exact.")
     ap.add_argument("--version", action="version", version=f"fastcount {__version__}")
@@ -110,14 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset(args):
-    from .data import load_dataset
 
     halve = args.dataset == "mbm" and not args.no_halve
     return load_dataset(args.dataset, args.data_root, halve=halve, red_threshold=args.red_threshold)
 
 
 def _config(args):
-    from .train import TrainConfig
 
     return TrainConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, crop=args.crop, width=args.width,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, stride=args.stride,
@@ -126,7 +133,6 @@ def _config(args):
 
 
 def cmd_train(args):
-    from .train import evaluate, train
 
     ds = _dataset(args)
     print(f"{ds}: training on {args.n_train}, validating on {args.n_val}, test = last {ds.test_size}")
@@ -135,8 +141,6 @@ def cmd_train(args):
     print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
           f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
     if args.bf16_calibrate > 0:
-        from .inference import calibrate_bf16
-        from .io import load_model, save_model
 
         best = load_model(args.out)
         names = res.split["train"][: args.bf16_calibrate]
@@ -144,23 +148,18 @@ def cmd_train(args):
         save_model(best, args.out, metadata=best.metadata)
         print(f"bf16 rounding calibrated on {len(names)} training images -> {args.out}")
     if args.plot:
-        from .plots import plot_learning_curves
-
         name = f"{ds.name} N={args.n_train} (test MAE {test['mae']:.2f})"
         print(f"learning curves -> {plot_learning_curves({name: res.history}, args.plot)}")
     return 0
 
 
 def cmd_evaluate(args):
-    from .train import evaluate, run_protocol, split_indices
 
     ds = _dataset(args)
     if args.splits:
         r = run_protocol(ds, args.splits, _config(args), progress=not args.quiet)
         print(f"{ds.name} N={args.n_train}: test MAE {r['mean']:.2f} +- {r['std']:.2f} over {args.splits} splits")
         return 0
-    from .devices import resolve_device
-    from .io import load_model
 
     device = resolve_device(args.device)
     model = load_model(args.weights, device=device)
@@ -177,8 +176,6 @@ def _count_kwargs(args) -> dict:
 
 
 def cmd_count(args):
-    from .data import read_image
-    from .slide import count_slide
 
     mask = args.mask
     if mask == "none":
@@ -211,15 +208,11 @@ def cmd_demo(args):
 
     import torch
 
-    from .data.synth import write_synthetic_slide
-    from .io import default_weights_path, load_model
-    from .model import CountCeption
-    from .slide import count_slide
 
     label = ""
     if args.weights is not None:
         model = load_model(args.weights)
-    elif default_weights_path().is_file():
+    elif weights_io.default_weights_path().is_file():
         model = load_model(None)
     elif args.untrained:
         torch.manual_seed(args.seed)
@@ -227,7 +220,7 @@ def cmd_demo(args):
         label = " [UNTRAINED random model: this count is meaningless, it only shows the pipeline]"
     else:
         print("fastcount demo: no default weights are installed yet "
-              f"(expected {default_weights_path()}). Pass --weights W.safetensors, "
+              f"(expected {weights_io.default_weights_path()}). Pass --weights W.safetensors, "
               "or --untrained to run the pipeline with a random, untrained model.", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="fastcount-demo-") as tmp:
@@ -257,13 +250,11 @@ def cmd_demo(args):
 def cmd_info(args):
     import torch
 
-    from . import __version__
-    from .io import default_weights_path
-    from .ops import has_compiled_ops
 
     print(f"fastcount {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     print(f"compiled ops: {'yes' if has_compiled_ops() else 'no (PyTorch reference)'}")
-    print(f"default weights: {default_weights_path() if default_weights_path().is_file() else 'not installed'}")
+    weights = weights_io.default_weights_path()
+    print(f"default weights: {weights if weights.is_file() else 'not installed'}")
     return 0
 
 

@@ -92,6 +92,11 @@ class Geometry:
         """(r/s)^2: how many count-map pixels see each object."""
         return (self.patch_size // self.stride) ** 2
 
+    @property
+    def window_offset(self) -> float:
+        """Full-resolution count-map row ``Y``'s r x r window is centred on input row ``Y - r/2``."""
+        return self.patch_size / 2
+
     def full_size(self, n: int) -> int:
         """Side of the stride-1 count map for an ``n``-pixel input side."""
         return n + self.patch_size

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..files import atomic_path
+from ..geometry import Geometry
 
 __all__ = ["SlideCount", "colormap"]
 
@@ -85,7 +86,7 @@ class SlideCount:
     @property
     def window_offset(self) -> float:
         """Count-map row (full resolution) ``Y``'s window is centred on image row ``Y - window_offset``."""
-        return self.patch_size / 2
+        return Geometry(self.patch_size, self.stride).window_offset
 
     def block_box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """Image box (y0, x0, y1, x1) of density block (i, j) at the counted level, clipped to the image."""
