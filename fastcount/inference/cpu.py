@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model import CountCeption
-from ..model import FIRST, INCEPTION, LARGE
+from ..model import FIRST, INCEPTION, LARGE, CountCeption
+from ..system import cpu_flags
 from .backend import Backend, check_input
-from .spectral import MIN_FFT_KERNEL, SpectralConv
 from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
 from .rounding import Bf16Rounding
+from .spectral import MIN_FFT_KERNEL, SpectralConv
 
 __all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "is_available", "PRECISIONS", "BACKEND"]
 
@@ -69,14 +69,7 @@ def bf16_supported() -> bool:
 
 def amx_supported() -> bool:
     """Whether the CPU has AMX bf16 tiles (oneDNN's fast bf16 convolutions)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
+    return "amx_bf16" in cpu_flags()
 
 
 def _merge_cost(cin: int, a: int, b: int) -> tuple[float, float]:
