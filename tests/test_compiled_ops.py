@@ -69,7 +69,7 @@ def test_make_targets_exact(shape, patch_size, stride):
     want = make_targets_reference(dots, patch_size, stride)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.equal(got, want), f"seed {SEED}"
-    # SPEC §4: every dot lands in (r/s)^2 sampled cells
+    # every dot lands in (r/s)^2 sampled cells
     assert float(got.double().sum()) == float(dots.sum()) * (patch_size // stride) ** 2
 
 
