@@ -114,7 +114,7 @@ def test_packaged_weights_count_vgg_test_images_accurately():
 
 
 def test_packaged_weights_count_synthetic_vgg_style_cells():
-    """The demo's synthetic cells are VGG-like enough for the default weights (issue 7: within 5%)."""
+    """The demo's synthetic cells are VGG-like enough for the default weights (within 5%)."""
     assert default_weights_path().is_file(), "fastcount ships default weights (fastcount/weights/)"
     from fastcount.data.synth import cell_image
     from fastcount.inference import compile as compile_backend

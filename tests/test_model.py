@@ -88,7 +88,7 @@ def test_width_scales_filters(width, expect):
 
 
 def test_receptive_field_matches_geometry():
-    """Output pixel Y depends on input rows Y-38 .. Y+6 exactly (SPEC §3)."""
+    """Output pixel Y depends on input rows Y-38 .. Y+6 exactly."""
     m = randomize_bn(CountCeption(width=0.0625).double()).eval()
     g = m.geometry
     h = 120
