@@ -7,6 +7,7 @@ set here, before test modules import fastcount.kernels).
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A width-0.0625 CountCeption with random BN statistics, in eval mode (reader and format tests)."""
+    from fastcount import CountCeption
+
+    torch.manual_seed(0)
+    return randomize_bn(CountCeption(width=0.0625), seed=0).eval()
+
+
+def whole_count(model, img):
+    """Whole-image count of an HxWx3 array and the scale of its terms (for a relative tolerance)."""
+    from fastcount import redundant_count
+
+    with torch.inference_mode():
+        cm = model(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float())  # a writable copy
+    return float(redundant_count(cm).sum()), float(cm.double().abs().sum()) / model.geometry.redundancy

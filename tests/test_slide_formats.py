@@ -7,11 +7,10 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import SLIDES, randomize_bn
-from fastcount import CountCeption, count_slide, redundant_count
+from conftest import SLIDES, whole_count as whole
+from fastcount import count_slide
 from fastcount.slide import ArrayReader, ImageReader, OpenSlideReader, SlideReadError, TiffReader, open_reader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,16 +20,8 @@ BOXES_16 = [(0, 0, 16, 16), (0, 0, 1, 1), (15, 15, 1, 1), (3, 5, 7, 9), (0, 9, 1
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return randomize_bn(CountCeption(width=0.0625), seed=0).eval()
-
-
-def whole(model, img):
-    """Whole-image count and the scale of its terms (for a relative tolerance)."""
-    with torch.inference_mode():
-        cm = model(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float())  # a writable copy
-    return float(redundant_count(cm).sum()), float(cm.double().abs().sum()) / 1024
+def model(tiny_model):
+    return tiny_model
 
 
 def svs_pixels():

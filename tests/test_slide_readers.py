@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SLIDES, randomize_bn
-from fastcount import CountCeption, count_slide, redundant_count
+from conftest import SLIDES, whole_count as whole
+from fastcount import count_slide
 from fastcount.slide import ArrayReader, OpenSlideReader, SlideReadError, TiffReader, open_reader
 
 
@@ -13,15 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return randomize_bn(CountCeption(width=0.0625), seed=0).eval()
-
-
-def whole(model, img):
-    with torch.inference_mode():
-        cm = model(torch.from_numpy(img).permute(2, 0, 1)[None].float())
-    return float(redundant_count(cm).sum()), float(cm.double().abs().sum()) / 1024
+def model(tiny_model):
+    return tiny_model
 
 
 def test_boxes_tiff_both_readers_agree_with_png():
