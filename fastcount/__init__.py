@@ -8,6 +8,7 @@ Public API::
     t = fastcount.make_targets(dots)                  # dot map -> count-map target
     c = fastcount.redundant_count(model(x))           # count map -> count per image
     r = fastcount.count_slide("slide.svs", model)     # any size, tiled, exact -> SlideCount
+    t = fastcount.count_slides(paths, model, client=c) # many slides on a Dask cluster -> SlidesResult
 """
 from . import geometry
 from .api import count_image
@@ -30,4 +31,15 @@ __all__ = [
     "redundant_count",
     "save_model",
     "__version__",
+    "count_slides",
+    "SlidesResult",
 ]
+
+
+def __getattr__(name):
+    # Many slides on a Dask cluster: dask is imported only when asked for.
+    if name in ("count_slides", "SlidesResult"):
+        from .distributed import SlidesResult, count_slides
+
+        return {"count_slides": count_slides, "SlidesResult": SlidesResult}[name]
+    raise AttributeError(f"module 'fastcount' has no attribute {name!r}")

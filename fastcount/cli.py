@@ -56,7 +56,8 @@ def _add_count_args(p, tile=DEFAULT_TILE):
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="reader threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reader threads (count with several slides: local Dask worker processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
 
     p = sub.add_parser("count", help="count objects in an image or a whole slide (exact tiled counting)")
-    p.add_argument("path", help="slide (SVS, NDPI, MRXS, DICOM, tiled/OME TIFF) or image (PNG, JPEG, ...)")
+    p.add_argument("path", nargs="+", help="slide (SVS, NDPI, MRXS, DICOM, tiled/OME TIFF) or image (PNG, JPEG, "
+                   "...); several slides, glob patterns or .txt files listing paths count on a Dask cluster")
     _add_count_args(p)
     p.add_argument("--level", type=int, default=0, help="pyramid level to count at (0 = full resolution)")
     p.add_argument("--mpp", type=float, default=None, help="instead of --level: target microns per pixel")
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", default=None, help="write the density grid as QuPath GeoJSON here")
     p.add_argument("--checkpoint", default=None, help="resume file for long slides")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out-dir", default=None, help="several slides: each slide's JSON, heatmap and GeoJSON here "
+                   "(a rerun skips finished slides and resumes partial ones)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="several slides: Dask scheduler to use "
+                   "(default: a local cluster of --workers processes)")
+    p.add_argument("--summary", default=None, help="several slides: the per-slide table as .csv or .parquet")
+    p.add_argument("--split", type=int, default=None, help="several slides: most tiles per unit of work")
 
     p = sub.add_parser("demo", help="count a synthetic slide with known ground truth (the main job, end to end)")
     _add_count_args(p, tile=256)
@@ -175,6 +183,13 @@ def _count_kwargs(args) -> dict:
                 precision=args.precision, workers=args.workers, progress=not args.quiet)
 
 
+def _many_slides(args) -> bool:
+    """Several slides (or options only they take): counted by ``fastcount.distributed``."""
+    p = args.path
+    return (len(p) > 1 or any(c in p[0] for c in "*?[") or p[0].lower().endswith(".txt")
+            or any(v is not None for v in (args.out_dir, args.scheduler, args.summary, args.split)))
+
+
 def cmd_count(args):
 
     mask = args.mask
@@ -185,6 +200,11 @@ def cmd_count(args):
             mask = read_image(mask).max(axis=2) > 0
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--mask must be 'auto', 'none' or a mask image: {e}") from e
+    if _many_slides(args):
+        from .distributed import count_from_cli
+
+        return count_from_cli(args, mask)
+    args.path = args.path[0]
     res = count_slide(args.path, args.weights, level=args.level, mpp=args.mpp, mask=mask,
                       checkpoint=args.checkpoint, **_count_kwargs(args))
     if args.heatmap:
