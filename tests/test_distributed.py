@@ -3,6 +3,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,3 +224,23 @@ def test_bad_arguments_are_named():
         count_slides([])
     with pytest.raises(FileNotFoundError, match="matches no files"):
         fd.expand_sources(["/nonexistent/*.svs"])
+
+
+def test_import_fastcount_does_not_import_dask():
+    code = ("import sys, fastcount; assert 'distributed' not in sys.modules; fastcount.count_slides; "
+            "assert 'distributed' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_local_client_starts_one_worker_per_gpu(monkeypatch):
+    """Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so device="auto" picks it."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    c = fd.local_client(dashboard_address=None)
+    try:
+        c.wait_for_workers(2)
+        assert sorted(c.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"]).values()) == ["0", "1"]
+    finally:
+        cluster = c.cluster
+        c.close()
+        cluster.close()
