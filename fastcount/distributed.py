@@ -444,6 +444,8 @@ def _slide_key(source, fp: str, opts: dict, device_type: str) -> str | None:
     """What a saved result must match to be reused; None for in-memory sources (never reused)."""
     if not isinstance(source, (str, os.PathLike)):
         return None
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"slide/image file not found: {source}")
     st = os.stat(source)
     d = {"format": _FORMAT, "path": str(Path(source).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
          "model": fp, "device": device_type, "mask": _mask_key(opts["mask"])}
