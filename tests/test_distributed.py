@@ -190,7 +190,7 @@ def test_a_killed_worker_loses_only_its_unit(client, model, slides, reference, m
 
     monkeypatch.setattr(fd, "_AFTER_UNIT", kill_a_busy_worker)
     try:
-        res = count_slides(paths, model, client=client, tile=TILE, split=2, progress=False)
+        res = count_slides(paths, model, client=client, tile=TILE, split=4, progress=False)
     finally:
         monkeypatch.setattr(fd, "_AFTER_UNIT", None)
         client.run(fd._set_test_unit_delay, 0.0)
