@@ -20,6 +20,7 @@ import torch
 
 import fastcount
 import fastcount.distributed as fd
+from fastcount.distributed import slides as fd_slides, worker as fd_worker
 from fastcount.data.synth import write_synthetic_slide
 from fastcount.testing import randomize_bn
 
@@ -110,14 +111,14 @@ def test_noop_tasks(benchmark, client2):
 def test_empty_units(benchmark, client2, model, slides):
     # Register the model and build it on both workers (as a real run would, once), then time units of no tiles.
     fastcount.count_slides(slides[:2], model, client=client2, tile=TILE, progress=False)
-    fp = fd._model_fingerprint(model)
-    specs = [fd._UnitSpec(source=slides[i % N_SLIDES], name=slides[i % N_SLIDES], level=0, cell=8, batch_size=1,
+    fp = fd_slides.model_fingerprint(model)
+    specs = [fd_worker.UnitSpec(source=slides[i % N_SLIDES], name=slides[i % N_SLIDES], level=0, cell=8, batch_size=1,
                           first_batch=0, batches=(), model=fp, device="cpu", backend="auto", precision="fp32",
                           reader_threads=None, queue_depth=None, pin_memory=None) for i in range(200)]
 
     def run():
         t0 = time.perf_counter()
-        client2.gather(client2.map(fd._run_unit, specs, pure=False))
+        client2.gather(client2.map(fd_worker.run_unit, specs, pure=False))
         return time.perf_counter() - t0
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)

@@ -15,6 +15,7 @@ pytest.importorskip("distributed", reason="needs dask.distributed (pip install '
 from distributed import Client, LocalCluster  # noqa: E402
 
 import fastcount.distributed as fd  # noqa: E402
+from fastcount.distributed import slides as fd_slides, worker as fd_worker  # noqa: E402
 from conftest import randomize_bn  # noqa: E402
 from fastcount import CountCeption, count_slide, count_slides, save_model  # noqa: E402
 from fastcount.cli import main  # noqa: E402
@@ -115,7 +116,7 @@ def test_units_carry_no_pixels_and_no_model(slides, model):
     paths, _ = slides
     job = plan_job(open_reader(paths[0]), model.geometry, level=0, mpp=None, tile=TILE, cell=None, mask="auto",
                    batch_size=1, device=torch.device("cpu"))
-    spec = fd._UnitSpec(source=paths[0], name=paths[0], level=0, cell=job.cell, batch_size=1, first_batch=0,
+    spec = fd_worker.UnitSpec(source=paths[0], name=paths[0], level=0, cell=job.cell, batch_size=1, first_batch=0,
                         batches=tuple(tuple(b) for b in job.batches[:3]), model="f" * 40, device="auto",
                         backend="auto", precision="fp32", reader_threads=None, queue_depth=None, pin_memory=None)
     assert len(pickle.dumps(spec)) < 4000
@@ -124,10 +125,10 @@ def test_units_carry_no_pixels_and_no_model(slides, model):
 def test_each_worker_builds_the_model_once(client, model, slides, split_run):
     """A second run with the same model builds nothing on the workers: each kept its model."""
     paths, _ = slides
-    before = client.run(lambda: fd._BUILDS)
+    before = client.run(lambda: fd_worker._BUILDS)
     assert sum(before.values()) >= 1
     count_slides(paths[:1], model, client=client, tile=TILE, split=2, progress=False)
-    after = client.run(lambda: fd._BUILDS)
+    after = client.run(lambda: fd_worker._BUILDS)
     assert {w: after[w] for w in before if w in after} == {w: before[w] for w in before if w in after}
 
 
@@ -153,10 +154,10 @@ def test_resume_skips_finished_slides_and_partial_ones_continue(client, model, s
         if len(seen) == 3:
             raise Stop
 
-    monkeypatch.setattr(fd, "_AFTER_UNIT", stop_after_three)
+    monkeypatch.setattr(fd_slides, "_AFTER_UNIT", stop_after_three)
     with pytest.raises(Stop):
         count_slides(paths, model, client=client, tile=TILE, split=2, out_dir=out, progress=False)
-    monkeypatch.setattr(fd, "_AFTER_UNIT", None)
+    monkeypatch.setattr(fd_slides, "_AFTER_UNIT", None)
     units = sorted((out / ".units" / "s1").glob("*.npz"))
     assert len(units) == 3 and not (out / "s1.json").exists()
     saved = [int(np.load(u)["tile"].size) for u in units]
@@ -177,7 +178,7 @@ def test_resume_skips_finished_slides_and_partial_ones_continue(client, model, s
 
 def test_a_killed_worker_loses_only_its_unit(client, model, slides, reference, monkeypatch):
     paths, _ = slides
-    client.run(fd._set_test_unit_delay, 0.5)  # units outlast the kill, so one is surely in flight
+    client.run(fd_worker.set_test_unit_delay, 0.5)  # units outlast the kill, so one is surely in flight
     killed = []
 
     def kill_a_busy_worker(c):
@@ -188,12 +189,12 @@ def test_a_killed_worker_loses_only_its_unit(client, model, slides, reference, m
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
-    monkeypatch.setattr(fd, "_AFTER_UNIT", kill_a_busy_worker)
+    monkeypatch.setattr(fd_slides, "_AFTER_UNIT", kill_a_busy_worker)
     try:
         res = count_slides(paths, model, client=client, tile=TILE, split=4, progress=False)
     finally:
-        monkeypatch.setattr(fd, "_AFTER_UNIT", None)
-        client.run(fd._set_test_unit_delay, 0.0)
+        monkeypatch.setattr(fd_slides, "_AFTER_UNIT", None)
+        client.run(fd_worker.set_test_unit_delay, 0.0)
     assert killed and killed[0] not in client.run(os.getpid).values()
     for ref, got in zip(reference[:2], res.counts):
         _same(got, ref)
