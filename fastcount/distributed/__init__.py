@@ -13,7 +13,7 @@ ran which unit, and however often a unit was rerun after a worker died.
 
 The model travels once per worker: its safetensors bytes are registered as a
 worker plugin (new and restarted workers receive it too) and each worker
-builds and compiles it once per device, keyed by the bytes' SHA-1.
+builds and compiles it once per device, keyed by a SHA-1 of its config and tensors.
 
 With ``out_dir`` every finished unit is saved atomically under
 ``out_dir/.units/<slide>/`` and every finished slide's JSON, heatmap and
