@@ -52,7 +52,11 @@ def count_from_cli(args, mask) -> int:
     if args.scheduler and args.workers:
         raise ValueError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local one), not both")
     paths = expand_sources(args.path)
-    client = Client(args.scheduler) if args.scheduler else local_client(args.workers, device=args.device)
+    try:
+        client = Client(args.scheduler, timeout=30) if args.scheduler else local_client(args.workers,
+                                                                                        device=args.device)
+    except OSError as e:
+        raise ValueError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from e
     try:
         res = count_slides(paths, args.weights, client=client, out_dir=args.out_dir, split=args.split,
                            progress=not args.quiet, level=args.level, mpp=args.mpp, mask=mask, tile=args.tile,
