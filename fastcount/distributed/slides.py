@@ -281,6 +281,7 @@ class _Run:
         if self.out_dir is not None:
             _write_slide(self.out_dir, sl.name, sl.count)
         sl.results.clear()  # the unit data is in the total and the density now
+        sl.job = sl.meta = None  # the tile plan is no longer needed: keep the client's memory per slide small
 
     def rows(self, slides: list[_Slide]) -> SlidesResult:
         rows, counts = [], []
