@@ -8,6 +8,8 @@ Cases (one round each, after a warm-up round that builds the model on every work
   (torch limited to one thread, as each Dask process worker is).
 - ``eight_slides[1]``, ``eight_slides[2]``: ``count_slides`` of the same 8 slides on a LocalCluster
   of 1 and 2 process workers (one thread each). Totals are checked equal to the baseline's.
+- ``scaling_alternating``: 1 and 2 workers alternately, two rounds each, in one test (both clusters
+  alive): the best-of-two speed-up, less exposed to load that changes between tests.
 - ``empty_units``: 200 units with no tiles (open the slide, look up the cached model, return):
   the per-unit cost a ``split`` must dwarf; beside it ``noop_tasks``, 200 Dask tasks that do nothing.
 ``extra_info`` carries seconds, Mpx/s of slide counted and, for units, milliseconds per unit.
@@ -70,7 +72,7 @@ def test_count_slide_loop(benchmark, model, slides, baseline):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_eight_slides(benchmark, model, slides, baseline, workers):
-    client = fd.local_client(workers, dashboard_address=None)
+    client = fd.local_client(workers, dashboard_address=":0")
     try:
         out = {}
 
@@ -88,9 +90,35 @@ def test_eight_slides(benchmark, model, slides, baseline, workers):
            load=os.getloadavg()[0])
 
 
+def test_scaling_alternating(benchmark, model, slides, baseline):
+    """1 and 2 workers alternately, twice, in one test: the same-run ratio a shared machine allows."""
+    clients = {n: fd.local_client(n, dashboard_address=":0") for n in (1, 2)}
+    times = {1: [], 2: []}
+    try:
+        for c in clients.values():  # warm-up: the model is built on every worker
+            fastcount.count_slides(slides, model, client=c, tile=TILE, progress=False)
+
+        def pair():
+            for n, c in clients.items():
+                t0 = time.perf_counter()
+                res = fastcount.count_slides(slides, model, client=c, tile=TILE, progress=False)
+                times[n].append(time.perf_counter() - t0)
+                assert res.totals == baseline
+
+        benchmark.pedantic(pair, rounds=2, warmup_rounds=0)
+    finally:
+        for c in clients.values():
+            cluster = c.cluster
+            c.close()
+            cluster.close()
+    t1, t2 = sorted(times[1])[0], sorted(times[2])[0]
+    _print(benchmark, seconds_1_worker=times[1], seconds_2_workers=times[2], speedup_2_over_1_best=t1 / t2,
+           load=os.getloadavg()[0])
+
+
 @pytest.fixture(scope="module")
 def client2():
-    c = fd.local_client(2, dashboard_address=None)
+    c = fd.local_client(2, dashboard_address=":0")
     yield c
     cluster = c.cluster
     c.close()

@@ -81,7 +81,8 @@ def test_totals_equal_count_slide_exactly_split_and_unsplit(client, model, slide
     paths, _ = slides
     for ref, got in zip(reference[:2], split_run.counts):
         _same(got, ref)
-        assert got.stats["units"] == -(-got.stats["batches"] // 3)  # 1-tile batches on CPU: 3 per unit
+        kept = got.stats["tiles_total"] - got.stats["tiles_skipped"]
+        assert got.stats["units"] >= -(-kept // 3) > 1  # at most 3 tiles per unit
     whole = count_slides(paths, model, client=client, tile=TILE, progress=False)  # one unit per slide
     for ref, got in zip(reference[:2], whole.counts):
         assert got.stats["units"] == 1
