@@ -246,3 +246,20 @@ def test_local_client_starts_one_worker_per_gpu(monkeypatch):
         cluster = c.cluster
         c.close()
         cluster.close()
+
+
+@pytest.mark.slow
+def test_without_a_client_a_local_cluster_is_started_and_closed(model, slides, reference):
+    paths, _ = slides
+    res = count_slides(paths[:1], model, tile=TILE, progress=False)
+    _same(res.counts[0], reference[0])
+    c = fd.local_client(dashboard_address=":0")
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if mem < os.cpu_count() * (2 << 30):
+            pytest.skip("this machine has under 2 GiB of memory per core (local_client then starts fewer workers)")
+        assert len(c.scheduler_info()["workers"]) == os.cpu_count()  # one process worker per core
+    finally:
+        cluster = c.cluster
+        c.close()
+        cluster.close()
