@@ -202,19 +202,20 @@ def test_a_killed_worker_loses_only_its_unit(client, model, slides, reference, m
 
 
 def test_cli_counts_many_slides_from_globs_and_lists(client, model, slides, reference, tmp_path, capsys):
-    paths, _ = slides
+    paths, bad = slides
     weights = save_model(model, tmp_path / "m.safetensors")
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# slides\n{paths[1]}\n")
+    listing.write_text(f"# slides\n{paths[1]}\n{bad}\n")
     pattern = os.path.join(os.path.dirname(paths[0]), "s0*.tif")
     rc = main(["count", pattern, str(listing), "--weights", str(weights), "--tile", str(TILE), "--quiet",
                "--out-dir", str(tmp_path / "o"), "--scheduler", client.scheduler.address,
-               "--summary", str(tmp_path / "summary.csv")])
-    assert rc == 0
-    rows = fd.SlidesResult.read_csv(tmp_path / "summary.csv")
-    assert [r["total"] for r in rows] == [r.total for r in reference[:2]]
+               "--summary", str(tmp_path / "summary.parquet")])
+    assert rc == 1  # one slide failed; the others were counted
+    rows = fd.SlidesResult.read_parquet(tmp_path / "summary.parquet")
+    assert [r["total"] for r in rows[:2]] == [r.total for r in reference[:2]]
+    assert rows[2]["status"] == "error" and "broken.tif" in rows[2]["error"]
     assert (tmp_path / "o" / "s1.geojson").exists()
-    assert "2 slides" in capsys.readouterr().out
+    assert "3 slides: 2 counted, 1 failed" in capsys.readouterr().out
 
 
 def test_bad_arguments_are_named():
