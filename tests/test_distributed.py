@@ -123,12 +123,15 @@ def test_units_carry_no_pixels_and_no_model(slides, model):
     assert len(pickle.dumps(spec)) < 4000
 
 
-def test_each_worker_builds_the_model_once(client, model, slides, split_run):
-    """A second run with the same model builds nothing on the workers: each kept its model."""
+def test_each_worker_builds_the_model_once(client, model, slides, split_run, capsys):
+    """A second run with the same model builds nothing on the workers: each kept its model.
+    (With progress: one bar over the tiles, and the dashboard link.)"""
     paths, _ = slides
     before = client.run(lambda: fd_worker._BUILDS)
     assert sum(before.values()) >= 1
-    count_slides(paths[:1], model, client=client, tile=TILE, split=2, progress=False)
+    count_slides(paths[:1], model, client=client, tile=TILE, split=2, progress=True)
+    err = capsys.readouterr().err
+    assert "Dask dashboard at http" in err and "count 1 slides" in err and "tile" in err
     after = client.run(lambda: fd_worker._BUILDS)
     assert {w: after[w] for w in before if w in after} == {w: before[w] for w in before if w in after}
 
@@ -197,6 +200,9 @@ def test_a_killed_worker_loses_only_its_unit(client, model, slides, reference, m
         monkeypatch.setattr(fd_slides, "_AFTER_UNIT", None)
         client.run(fd_worker.set_test_unit_delay, 0.0)
     assert killed and killed[0] not in client.run(os.getpid).values()
+    client.wait_for_workers(2, timeout=60)  # the restarted worker received the model too
+    fp = fd_slides.model_fingerprint(model)
+    assert all(fp in fps for fps in client.run(lambda: list(fd_worker._MODEL_FILES)).values())
     for ref, got in zip(reference[:2], res.counts):
         _same(got, ref)
 
