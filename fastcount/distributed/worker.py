@@ -34,8 +34,6 @@ __all__ = ["ModelFile", "UnitSpec", "UnitResult", "TileSumRecorder", "run_unit",
 
 _MODEL_FILES: dict[str, bytes] = {}  # model fingerprint -> safetensors bytes (from the plugin)
 _BACKENDS: dict[tuple, tuple] = {}  # (fingerprint, device, backend, precision) -> (fn, name, lock)
-_MODEL_FILES: dict[str, bytes] = {}  # model fingerprint -> safetensors bytes (from the plugin)
-_BACKENDS: dict[tuple, tuple] = {}  # (fingerprint, device, backend, precision) -> (fn, name, lock)
 _CACHE_LOCK = threading.Lock()
 _BUILDS = 0  # models this worker has built (each is then kept for every task)
 _TEST_UNIT_DELAY = 0.0  # seconds each unit waits before returning (tests only: makes kill timing certain)
@@ -62,9 +60,9 @@ def _worker_backend(fp: str, dev: torch.device, backend: str, precision: str):
     key = (fp, str(dev), backend, precision)
     with _CACHE_LOCK:
         if key not in _BACKENDS:
-            _BUILDS += 1
             if fp not in _MODEL_FILES:
                 raise RuntimeError(f"model {fp[:12]} was not registered on this worker")
+            _BUILDS += 1
             with tempfile.TemporaryDirectory(prefix="fastcount-model-") as tmp:
                 path = Path(tmp) / "model.safetensors"
                 path.write_bytes(_MODEL_FILES[fp])
