@@ -8,10 +8,12 @@ Public API::
     t = fastcount.make_targets(dots)                  # dot map -> count-map target
     c = fastcount.redundant_count(model(x))           # count map -> count per image
     r = fastcount.count_slide("slide.svs", model)     # any size, tiled, exact -> SlideCount
+    p = fastcount.locate(model(x))                    # count map -> object positions (Points)
 """
 from . import geometry
 from .api import count_image
 from .io import load_model, save_model
+from .localise import Points, locate
 from .model import CountCeption
 from .ops import make_targets, make_targets_from_points, redundant_count
 from .slide import SlideCount, count_slide
@@ -25,6 +27,8 @@ __all__ = [
     "SlideCount",
     "geometry",
     "load_model",
+    "locate",
+    "Points",
     "make_targets",
     "make_targets_from_points",
     "redundant_count",

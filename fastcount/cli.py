@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", default=None, help="write the density grid as QuPath GeoJSON here")
     p.add_argument("--checkpoint", default=None, help="resume file for long slides")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--points", default=None,
+                   help="also locate the objects: write x,y,score CSV here (level-0 pixels); "
+                        "--geojson then writes them as QuPath detections")
 
     p = sub.add_parser("demo", help="count a synthetic slide with known ground truth (the main job, end to end)")
     _add_count_args(p, tile=256)
@@ -186,11 +189,13 @@ def cmd_count(args):
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--mask must be 'auto', 'none' or a mask image: {e}") from e
     res = count_slide(args.path, args.weights, level=args.level, mpp=args.mpp, mask=mask,
-                      checkpoint=args.checkpoint, **_count_kwargs(args))
+                      checkpoint=args.checkpoint, points=args.points is not None, **_count_kwargs(args))
+    if args.points:
+        res.to_csv(args.points)
     if args.heatmap:
-        res.save_heatmap(args.heatmap)
+        res.save_heatmap(args.heatmap, points=args.points is not None)
     if args.geojson:
-        res.to_geojson(args.geojson)
+        res.to_geojson(args.geojson, points=args.points is not None)
     st = res.stats
     if args.json:
         print(res.to_json(include_density=False))
