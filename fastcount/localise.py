@@ -1,15 +1,15 @@
 """Points from the redundant count map: ``locate``.
 
 A count map is a noisy box sum of the dot map, ``F = B_r * L`` (the operator
-of ``make_targets``). ``locate`` undoes the box by non-negative deconvolution
-(Richardson-Lucy, multiplicative updates whose box sums are running sums),
-takes the local maxima of the result as candidate objects, and places as many
-points in each block of the image as the count says are there.
+of ``make_targets``). ``locate`` undoes the box by a regularised inverse
+filter (Wiener; optionally more projected steps towards ``L >= 0``) computed
+with FFTs, takes the local maxima of the result as candidate objects, and
+places as many points in each block of the image as the count says are there.
 
 Local by construction, so tiles give exactly the whole-image answer: the
 image is cut into fixed ``block x block`` squares anchored at the origin. Each
 block is deconvolved from the count map over a window that reaches ``halo``
-pixels past the block on every side (plus the ``r - 1`` count-map rows that
+pixels (default 2r) past the block on every side (plus the ``r - 1`` count-map rows that
 see those pixels), zeros outside the count map, and only the maxima whose
 pixel lies inside the block are kept. Every point therefore belongs to
 exactly one block (no duplicates or gaps at seams), and a block only needs
@@ -45,19 +45,24 @@ from .geometry import Geometry
 
 __all__ = ["locate", "Points", "Locator", "BlockCandidates", "DEFAULT_BLOCK", "DEFAULT_ITERATIONS"]
 
-DEFAULT_BLOCK = 128  # input pixels; the unit of count consistency and of work
-DEFAULT_ITERATIONS = 40
+DEFAULT_BLOCK = 256  # input pixels; the unit of count consistency and of work
+# Count-map context past each block, in units of r: the inverse filter reaches far, and a short
+# halo costs F1 near seams (docs/accuracy.md).
+DEFAULT_HALO_WINDOWS = 2
+DEFAULT_ITERATIONS = 1  # more steps fit the model's noise: F1 falls (docs/accuracy.md)
 # Candidates kept per block beyond its expected count (the count is only known at the end).
 _SPARE = 8
 # A local maximum below this deconvolved value is noise, not an object.
 _MIN_PEAK = 1e-4
 _CHUNK = 16  # windows deconvolved at once
-_POWER = 2.0  # over-relaxed Richardson-Lucy: the same fixed points, fewer steps
+_NMS = 1  # a maximum is the largest value within this many cells
+_EPS = 1e-3  # Wiener regularisation, relative to the box's squared weight
 
 
 class Points(NamedTuple):
     """``coords``: float64 (N, 2) as (row, col) in input pixels; ``scores``: float64 (N,), the
-    deconvolved mass within one pixel of the point (about 1 for a clear single object)."""
+    deconvolved mass within one cell of the point (higher = clearer; the inverse filter spreads
+    an object, so a clean isolated one scores about 0.2 at stride 1)."""
 
     coords: np.ndarray
     scores: np.ndarray
@@ -88,7 +93,7 @@ class Locator:
         for name, v in (("block", block), ("iterations", iterations)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        halo = geometry.r if halo is None else halo
+        halo = DEFAULT_HALO_WINDOWS * geometry.r if halo is None else halo
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
             raise ValueError(f"halo must be a non-negative int (input pixels), got {halo!r}")
         s = geometry.stride
@@ -140,8 +145,8 @@ class Locator:
         out = []
         for a in range(0, len(indices), _CHUNK):
             idx = indices[a : a + _CHUNK]
-            L = self._deconvolve(windows[a : a + _CHUNK].to(torch.float64), idx)
-            out.extend(self._candidates(L, idx))
+            L, raw = self._deconvolve(windows[a : a + _CHUNK].to(torch.float64), idx)
+            out.extend(self._candidates(L, raw, idx))
         return out
 
     def _valid(self, indices, dev) -> torch.Tensor:
@@ -157,21 +162,31 @@ class Locator:
         return m
 
     def _deconvolve(self, F: torch.Tensor, indices) -> torch.Tensor:
-        """Richardson-Lucy for ``F = box_k * L`` with ``L >= 0`` on the valid cells."""
-        k = self.k
-        F = F.clamp(min=0)
+        """Non-negative ``F = box_k * L`` on the valid cells: Wiener-preconditioned projected
+        Landweber steps, from ``L = 0``. The window's box sum is exactly a circular convolution
+        of size ``n >= map_side`` (nothing wraps), so each step is two FFTs."""
+        k, side = self.k, self.side
         valid = self._valid(indices, F.device)
-        norm = float(k * k)  # every cell of the window is seen by k x k window pixels
-        L = _box_adjoint(F, k) * valid / (norm * norm)
+        n = _fft_size(self.map_side)
+        box = torch.zeros((n, n), dtype=torch.float64, device=F.device)
+        box[:k, :k] = 1.0
+        H = torch.fft.rfft2(box)
+        P = H.conj() / (H.abs() ** 2 + _EPS * float(k) ** 4)  # regularised inverse
+        Fp = torch.nn.functional.pad(F, (0, n - F.shape[-1], 0, n - F.shape[-2]))
+        L = torch.zeros_like(valid)
         for _ in range(self.iterations):
-            est = _box_forward(L, k)
-            ratio = torch.where(est > 0, F / est.clamp(min=1e-300), torch.zeros((), dtype=F.dtype, device=F.device))
-            L = L * (_box_adjoint(ratio, k) / norm) ** _POWER
-        return L
+            R = Fp - torch.fft.irfft2(torch.fft.rfft2(L, s=(n, n)) * H, s=(n, n))
+            R[..., self.map_side :, :] = 0
+            R[..., :, self.map_side :] = 0
+            raw = (L + torch.fft.irfft2(torch.fft.rfft2(R) * P, s=(n, n))[..., :side, :side]) * valid
+            L = raw.clamp(min=0)
+        return L, raw
 
-    def _candidates(self, L: torch.Tensor, indices) -> list[BlockCandidates]:
+    def _candidates(self, L: torch.Tensor, raw: torch.Tensor, indices) -> list[BlockCandidates]:
+        """Maxima of ``L`` inside each block; the block's mass is the sum of ``raw`` (before clipping
+        at 0, so the filter's ringing cancels instead of adding up)."""
         h, b = self.halo, self.block
-        peak = torch.nn.functional.max_pool2d(L[:, None], 3, stride=1, padding=1)[:, 0]
+        peak = torch.nn.functional.max_pool2d(L[:, None], 2 * _NMS + 1, stride=1, padding=_NMS)[:, 0]
         mass3 = _box3(L)
         Lp = torch.nn.functional.pad(L, (1, 1, 1, 1))
         ys = torch.arange(-1, 2, dtype=torch.float64, device=L.device)
@@ -180,7 +195,7 @@ class Locator:
             bi, bj = divmod(i, self.grid[1])
             inner = L[n, h : h + b, h : h + b]
             is_max = (inner >= peak[n, h : h + b, h : h + b]) & (inner > _MIN_PEAK)
-            mass = float(inner.sum())
+            mass = max(float(raw[n, h : h + b, h : h + b].sum()), 0.0)
             r, c = torch.nonzero(is_max, as_tuple=True)
             score = mass3[n, h : h + b, h : h + b][r, c]
             if len(score) == 0 and mass > 0:  # mass but no interior maximum: its largest cell
@@ -238,16 +253,17 @@ def _largest_remainder(masses: np.ndarray, n_total: int) -> np.ndarray:
     return base
 
 
-def _box_forward(L: torch.Tensor, k: int) -> torch.Tensor:
-    """Count map of cells ``L`` (N, n, n): out[Y] = sum L[Y - k + 1 .. Y] (full box sum, n + k - 1)."""
-    L = torch.nn.functional.pad(L, (k - 1, k - 1))
-    L = _box_valid(L, k, -1)
-    return _box_valid(torch.nn.functional.pad(L, (0, 0, k - 1, k - 1)), k, -2)
-
-
-def _box_adjoint(G: torch.Tensor, k: int) -> torch.Tensor:
-    """Adjoint of ``_box_forward``: out[p] = sum G[p .. p + k - 1] (valid box sum, m - k + 1)."""
-    return _box_valid(_box_valid(G, k, -1), k, -2)
+def _fft_size(m: int) -> int:
+    """The smallest 2^a 3^b 5^c >= m (fast FFT sizes)."""
+    n = m
+    while True:
+        x = n
+        for p in (2, 3, 5):
+            while x % p == 0:
+                x //= p
+        if x == 1:
+            return n
+        n += 1
 
 
 def _box_valid(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -274,7 +290,7 @@ def locate(count_map, *, patch_size: int = 32, stride: int = 1, block: int = DEF
         patch_size, stride: the model's geometry (``model.patch_size``, ``model.stride``).
         block: side in input pixels of the blocks points are counted in (a
             multiple of the stride). halo: input pixels of count-map context
-            past each block (default r). iterations: deconvolution steps.
+            past each block (default 2r). iterations: deconvolution steps.
         total: the count the points must add up to (default: the map's count,
             ``sum / (r/s)^2``).
 

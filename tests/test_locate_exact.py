@@ -85,7 +85,7 @@ def test_tiles_in_any_order_give_the_whole_map_points(c):
 
 @st.composite
 def slide_cases(draw):
-    stride = draw(st.sampled_from([1, 2, 4]))
+    stride = draw(st.sampled_from([1, 2, 4, 8]))
     kind = draw(st.sampled_from(["none", "none", "blocks"]))
     h, w = draw(st.integers(1, 170)), draw(st.integers(1, 170))
     mask = None
@@ -97,9 +97,7 @@ def slide_cases(draw):
                 batch=draw(st.sampled_from([1, 3])), seed=draw(st.integers(0, 3)))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(c=slide_cases())
-def test_count_slide_points_equal_whole_image_points(c):
+def check_slide_case(c):
     model = tiny_model(c["stride"], c["seed"])
     img = np.random.default_rng(c["h"] * 1000 + c["w"]).integers(0, 256, (c["h"], c["w"], 3), dtype=np.uint8)
     with torch.inference_mode():
@@ -111,3 +109,16 @@ def test_count_slide_points_equal_whole_image_points(c):
     assert len(res.points) == len(ref) == max(0, round(res.total))
     # level 0 is the counted level here: (x, y) = (col + 0.5, row + 0.5)
     same_points(res.points[:, ::-1] - 0.5, ref.coords, 0.01)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=slide_cases())
+def test_count_slide_points_equal_whole_image_points(c):
+    check_slide_case(c)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=slide_cases())
+def test_count_slide_points_equal_whole_image_points_many(c):
+    check_slide_case(c)
