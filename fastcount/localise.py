@@ -16,11 +16,14 @@ exactly one block (no duplicates or gaps at seams), and a block only needs
 the count map over its window, which is what the slide engine hands it
 (``fastcount.slide.points``).
 
-Count consistency: block ``b`` holds deconvolved mass ``c_b``; the masses are
-scaled to add up to the count ``sum(F) / (r/s)^2`` and rounded by largest
-remainder, so the image gets exactly ``round(count)`` points and every block
-``floor`` or ``ceil`` of its scaled mass. A block with more objects than
-maxima repeats its best maxima.
+Count consistency: block ``b``'s count ``c_b`` is the count map summed over
+the pixels whose window is centred on the block (a partition of the map, so
+the ``c_b`` add up to the count ``sum(F) / (r/s)^2``). Negative block counts
+(an untrained or poorly fitting model) become 0, the rest are scaled to add
+up to ``round(count)`` and rounded by largest remainder: the image gets
+exactly ``round(count)`` points, every block the floor or ceil of its scaled
+count. A block with more objects than maxima repeats its best maxima; one
+with no candidate at all (nothing positive deconvolved in it) counts 0.
 
 Coordinates: (row, col) in input pixels, pixel ``p``'s centre at ``p``
 (dot annotations' convention). With output stride ``s`` the count map is a
@@ -45,7 +48,7 @@ from .geometry import Geometry
 
 __all__ = ["locate", "Points", "Locator", "BlockCandidates", "DEFAULT_BLOCK", "DEFAULT_ITERATIONS"]
 
-DEFAULT_BLOCK = 256  # input pixels; the unit of count consistency and of work
+DEFAULT_BLOCK = 512  # input pixels (at most the image's side); the unit of count consistency and of work
 # Count-map context past each block, in units of r: the inverse filter reaches far, and a short
 # halo costs F1 near seams (docs/accuracy.md).
 DEFAULT_HALO_WINDOWS = 2
@@ -56,7 +59,8 @@ _SPARE = 8
 _MIN_PEAK = 1e-4
 _CHUNK = 16  # windows deconvolved at once
 _NMS = 1  # a maximum is the largest value within this many cells
-_EPS = 1e-3  # Wiener regularisation, relative to the box's squared weight
+_EPS = 1e-4  # Wiener regularisation relative to the box's squared weight (best F1 on the default
+# weights' validation images, among 3e-5 .. 1e-3)
 
 
 class Points(NamedTuple):
@@ -103,7 +107,8 @@ class Locator:
         self.k = geometry.r // s
         self.map_shape = geometry.output_size(height, width)
         self.cells = (self.map_shape[0] - self.k, self.map_shape[1] - self.k)
-        self.block, self.halo, self.iterations = block // s, halo // s, iterations  # in cells
+        # in cells; a block never exceeds the image (smaller FFTs for small images, same for every tiling)
+        self.block, self.halo, self.iterations = min(block // s, max(self.cells)), halo // s, iterations
         self.grid = (-(-self.cells[0] // self.block), -(-self.cells[1] // self.block))
         self.side = self.block + 2 * self.halo  # cells of a window
         self.map_side = self.side + self.k - 1  # count-map pixels of a window
@@ -145,8 +150,8 @@ class Locator:
         out = []
         for a in range(0, len(indices), _CHUNK):
             idx = indices[a : a + _CHUNK]
-            L, raw = self._deconvolve(windows[a : a + _CHUNK].to(torch.float64), idx)
-            out.extend(self._candidates(L, raw, idx))
+            F = windows[a : a + _CHUNK].to(torch.float64)
+            out.extend(self._candidates(self._deconvolve(F, idx), self._block_counts(F, idx), idx))
         return out
 
     def _valid(self, indices, dev) -> torch.Tensor:
@@ -178,13 +183,29 @@ class Locator:
             R = Fp - torch.fft.irfft2(torch.fft.rfft2(L, s=(n, n)) * H, s=(n, n))
             R[..., self.map_side :, :] = 0
             R[..., :, self.map_side :] = 0
-            raw = (L + torch.fft.irfft2(torch.fft.rfft2(R) * P, s=(n, n))[..., :side, :side]) * valid
-            L = raw.clamp(min=0)
-        return L, raw
+            dL = torch.fft.irfft2(torch.fft.rfft2(R) * P, s=(n, n))[..., :side, :side]
+            L = (L + dL).clamp(min=0) * valid
+        return L
 
-    def _candidates(self, L: torch.Tensor, raw: torch.Tensor, indices) -> list[BlockCandidates]:
-        """Maxima of ``L`` inside each block; the block's mass is the sum of ``raw`` (before clipping
-        at 0, so the filter's ringing cancels instead of adding up)."""
+    def _block_counts(self, F: torch.Tensor, indices) -> list[float]:
+        """Each block's count: the count map's pixels whose window is centred on the block's cells
+        (pixel ``Y`` sees cells ``Y - k .. Y - 1``; centre cell ``Y - (k + 1) // 2``; the margins
+        past the image go to the edge blocks), / k^2. The blocks partition the map: they add up to
+        the count exactly."""
+        k, b = self.k, self.block
+        first = self.halo - 1 + (k + 1) // 2  # window row of the block's first cell's centre pixel
+        out = []
+        for n, i in enumerate(indices):
+            bi, bj = divmod(i, self.grid[1])
+            y0 = 0 if bi == 0 else first
+            y1 = self.map_side if bi == self.grid[0] - 1 else first + b
+            x0 = 0 if bj == 0 else first
+            x1 = self.map_side if bj == self.grid[1] - 1 else first + b
+            out.append(float(F[n, y0:y1, x0:x1].sum()) / (k * k))
+        return out
+
+    def _candidates(self, L: torch.Tensor, counts: list[float], indices) -> list[BlockCandidates]:
+        """Maxima of ``L`` inside each block, best first, with the block's count as its mass."""
         h, b = self.halo, self.block
         peak = torch.nn.functional.max_pool2d(L[:, None], 2 * _NMS + 1, stride=1, padding=_NMS)[:, 0]
         mass3 = _box3(L)
@@ -195,16 +216,16 @@ class Locator:
             bi, bj = divmod(i, self.grid[1])
             inner = L[n, h : h + b, h : h + b]
             is_max = (inner >= peak[n, h : h + b, h : h + b]) & (inner > _MIN_PEAK)
-            mass = max(float(raw[n, h : h + b, h : h + b].sum()), 0.0)
+            mass = counts[n]
             r, c = torch.nonzero(is_max, as_tuple=True)
             score = mass3[n, h : h + b, h : h + b][r, c]
-            if len(score) == 0 and mass > 0:  # mass but no interior maximum: its largest cell
+            if len(score) == 0 and mass > 0 and bool((inner > 0).any()):  # no interior maximum: its largest cell
                 j = int(torch.argmax(inner))
                 r, c = torch.tensor([j // b], device=L.device), torch.tensor([j % b], device=L.device)
                 score = mass3[n, h : h + b, h : h + b][r, c]
             # best first; equal scores in raster order (deterministic)
             order = np.lexsort((c.cpu().numpy(), r.cpu().numpy(), -score.cpu().numpy()))
-            keep = order[: int(np.ceil(mass * 1.5)) + _SPARE]
+            keep = order[: int(np.ceil(max(mass, 0.0) * 1.5)) + _SPARE]
             r, c, score = r[keep], c[keep], score[keep]
             # sub-cell position: centroid of L over the 3 x 3 around the maximum
             nb = torch.stack([Lp[n, r + h + 1 + dy, c + h + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)
@@ -225,7 +246,8 @@ class Locator:
         """Points from every block's candidates, ``round(total)`` of them (see the module docstring)."""
         blocks = sorted(blocks, key=lambda c: c.index)
         n_total = max(0, int(round(total))) if np.isfinite(total) else 0
-        masses = np.array([max(c.mass, 0.0) for c in blocks])
+        # a block with nothing deconvolved in it (no candidate) passes its share to the others
+        masses = np.array([max(c.mass, 0.0) if len(c.scores) else 0.0 for c in blocks])
         counts = _largest_remainder(masses, n_total)
         coords, scores = [], []
         for c, n in zip(blocks, counts):

@@ -54,26 +54,33 @@ def test_dots_of_an_exact_box_map_are_found(stride):
 
 
 def test_number_of_points_is_the_rounded_count_and_blocks_get_their_share():
-    # Count consistency: exactly round(total) points, and every block floor or ceil of its share
-    # (its deconvolved mass scaled to the total); a point lies within half a pixel of its block's cells.
+    # Count consistency: exactly round(total) points; the blocks' counts partition the count map
+    # (they add up to the count), and every block gets the floor or ceil of its scaled count.
     rng = np.random.default_rng(0)
     g = Geometry(32, 1)
     for trial in range(4):
-        h, w = rng.integers(40, 200, 2)
+        h, w = (int(v) for v in rng.integers(40, 200, 2))
         dots = np.stack([rng.integers(0, h, 80), rng.integers(0, w, 80)], 1)
-        F = make_targets_from_points(dots, (int(h), int(w)), 32, 1).double()
+        F = make_targets_from_points(dots, (h, w), 32, 1).double()
         F += torch.from_numpy(rng.normal(0, 0.3, F.shape))
         total = float(F.sum()) / g.redundancy
-        pts = locate(F, block=48, iterations=10)
+        pts = locate(F, block=48)
         assert len(pts) == round(total)
-        loc = Locator(int(h), int(w), g, block=48, iterations=10)
+        loc = Locator(h, w, g, block=48)
         idx = list(range(loc.n_blocks))
         cands = loc.solve(idx, torch.stack([loc.crop_window(F, i) for i in idx]))
-        masses = np.array([c.mass for c in cands])
-        share = masses * round(total) / masses.sum()
-        bi, bj = (np.floor(pts.coords[:, 0] + 0.5) // 48).astype(int), (np.floor(pts.coords[:, 1] + 0.5) // 48).astype(int)
+        counts = np.array([c.mass for c in cands])
+        assert counts.sum() == pytest.approx(total, rel=1e-9)
+        assert all(len(c.scores) for c in cands)  # every block has candidates here
+        share = counts.clip(0) * round(total) / counts.clip(0).sum()
+        # a point lies within half a cell of its maximum, whose cell is in the block
+        bi = (np.floor(pts.coords[:, 0] + 0.5) // 48).astype(int)
+        bj = (np.floor(pts.coords[:, 1] + 0.5) // 48).astype(int)
         per_block = np.bincount(bi * loc.grid[1] + bj, minlength=loc.n_blocks)
         assert (np.abs(per_block - share) < 1).all() and per_block.sum() == len(pts)
+        # and the block counts follow the dots: within the objects straddling a seam (r/2 each side)
+        true = np.bincount((dots[:, 0] // 48) * loc.grid[1] + dots[:, 1] // 48, minlength=loc.n_blocks)
+        assert np.abs(per_block - true).sum() <= 0.5 * len(dots)
 
 
 def test_largest_remainder_adds_up_and_rounds_each_share():

@@ -11,7 +11,7 @@ zeroed. Blocks whose window meets no kept tile have no points.
 Points belong to the block whose cells hold their maximum (see
 ``fastcount.locate``), so they do not depend on the tile plan, the batches or
 their order. Memory: the windows in flight, about two rows of blocks across
-the slide in raster order (``width x (block + 2 halo + r) x 8`` bytes each).
+the slide in raster order (``width x (block + 2 halo + r) x 4`` bytes each).
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ class SlidePoints:
         for b in self._blocks_of(t):
             win = self._windows.get(b)
             if win is None:
-                win = self._windows[b] = torch.zeros((side, side), dtype=torch.float64, device=piece.device)
+                # float32 holds the backends' count maps exactly, at half the memory
+                win = self._windows[b] = torch.zeros((side, side), dtype=torch.float32, device=piece.device)
             wy, wx = loc.window(b)
             ya, yb = max(t.gy0, wy), min(t.gy0 + h, wy + side)
             xa, xb = max(t.gx0, wx), min(t.gx0 + w, wx + side)
