@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default="auto",
                    help="'auto' (tissue mask), 'none', or a mask image (non-zero = count) at any resolution")
     p.add_argument("--heatmap", default=None, help="write a density heatmap PNG here")
-    p.add_argument("--geojson", default=None, help="write the density grid as QuPath GeoJSON here")
+    p.add_argument("--geojson", default=None,
+                   help="write the density grid as QuPath GeoJSON here (with --points: the points, as detections)")
     p.add_argument("--checkpoint", default=None, help="resume file for long slides")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--points", default=None,

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from shapely.geometry import Point, shape
 
-from conftest import SLIDES
+from conftest import SLIDES, gpu
 from fastcount import Points, count_image, count_slide, locate, make_targets_from_points
 from fastcount.cli import main
 from fastcount.geometry import Geometry
@@ -211,3 +211,13 @@ def test_cli_points_csv_and_detections(tmp_path, capsys):
     np.testing.assert_allclose(rows[:, :2], ref.points, atol=2e-3)
     feats = json.loads((tmp_path / "c.geojson").read_text())["features"]
     assert len(feats) == len(rows) and {f["properties"]["objectType"] for f in feats} <= {"detection"}
+
+
+@gpu
+def test_locate_on_cuda_matches_the_cpu():
+    rng = np.random.default_rng(5)
+    dots = np.stack([rng.integers(0, 90, 60), rng.integers(0, 70, 60)], 1)
+    F = make_targets_from_points(dots, (90, 70), 32, 1).double() + torch.from_numpy(rng.normal(0, 0.2, (122, 102)))
+    cpu, cuda = locate(F, block=48), locate(F.cuda(), block=48)
+    assert len(cpu) == len(cuda)
+    np.testing.assert_allclose(cuda.coords, cpu.coords, atol=1e-6)
