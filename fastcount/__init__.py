@@ -9,10 +9,12 @@ Public API::
     c = fastcount.redundant_count(model(x))           # count map -> count per image
     r = fastcount.count_slide("slide.svs", model)     # any size, tiled, exact -> SlideCount
     t = fastcount.count_slides(paths, model, client=c) # many slides on a Dask cluster -> SlidesResult
+    p = fastcount.locate(model(x))                    # count map -> object positions (Points)
 """
 from . import geometry
 from .api import count_image
 from .io import load_model, save_model
+from .localise import Points, locate
 from .model import CountCeption
 from .ops import make_targets, make_targets_from_points, redundant_count
 from .slide import SlideCount, count_slide
@@ -26,6 +28,8 @@ __all__ = [
     "SlideCount",
     "geometry",
     "load_model",
+    "locate",
+    "Points",
     "make_targets",
     "make_targets_from_points",
     "redundant_count",

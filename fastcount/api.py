@@ -8,6 +8,7 @@ import torch
 
 from .devices import resolve_device
 from .io import load_model
+from .localise import locate
 from .model import CountCeption
 from .ops import redundant_count
 from .pixels import image_to_tensor
@@ -25,7 +26,7 @@ def resolve_model(model, device="cpu") -> CountCeption:
 
 
 @torch.inference_mode()
-def count_image(image, model=None, device="auto") -> float:
+def count_image(image, model=None, device="auto", points: bool = False):
     """Count objects in one image.
 
     Args:
@@ -34,6 +35,8 @@ def count_image(image, model=None, device="auto") -> float:
         model: a CountCeption, a weights path, or None for the default weights.
         device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``,
             ``"cuda"`` or a ``torch.device``.
+        points: also locate the objects; returns ``(count, Points)`` (see
+            ``fastcount.locate``: (row, col) input-pixel positions and scores).
     """
     dev = resolve_device(device)
     model = resolve_model(model, dev)
@@ -48,4 +51,7 @@ def count_image(image, model=None, device="auto") -> float:
         cmap = model(x.to(dev))
     finally:
         model.train(was_training)
-    return float(redundant_count(cmap, model.patch_size, model.stride).sum())
+    count = float(redundant_count(cmap, model.patch_size, model.stride).sum())
+    if points:
+        return count, locate(cmap, patch_size=model.patch_size, stride=model.stride, total=count)
+    return count

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default="auto",
                    help="'auto' (tissue mask), 'none', or a mask image (non-zero = count) at any resolution")
     p.add_argument("--heatmap", default=None, help="write a density heatmap PNG here")
-    p.add_argument("--geojson", default=None, help="write the density grid as QuPath GeoJSON here")
+    p.add_argument("--geojson", default=None,
+                   help="write the density grid as QuPath GeoJSON here (with --points: the points, as detections)")
     p.add_argument("--checkpoint", default=None, help="resume file for long slides")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out-dir", default=None, help="several slides: each slide's JSON, heatmap and GeoJSON here "
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: a local cluster of --workers processes)")
     p.add_argument("--summary", default=None, help="several slides: the per-slide table as .csv or .parquet")
     p.add_argument("--split", type=int, default=None, help="several slides: most tiles per unit of work")
+    p.add_argument("--points", default=None,
+                   help="also locate the objects: write x,y,score CSV here (level-0 pixels); "
+                        "--geojson then writes them as QuPath detections")
 
     p = sub.add_parser("demo", help="count a synthetic slide with known ground truth (the main job, end to end)")
     _add_count_args(p, tile=256)
@@ -206,11 +210,13 @@ def cmd_count(args):
         return count_from_cli(args, mask)
     args.path = args.path[0]
     res = count_slide(args.path, args.weights, level=args.level, mpp=args.mpp, mask=mask,
-                      checkpoint=args.checkpoint, **_count_kwargs(args))
+                      checkpoint=args.checkpoint, points=args.points is not None, **_count_kwargs(args))
+    if args.points:
+        res.to_csv(args.points)
     if args.heatmap:
-        res.save_heatmap(args.heatmap)
+        res.save_heatmap(args.heatmap, points=args.points is not None)
     if args.geojson:
-        res.to_geojson(args.geojson)
+        res.to_geojson(args.geojson, points=args.points is not None)
     st = res.stats
     if args.json:
         print(res.to_json(include_density=False))

@@ -45,8 +45,8 @@ def expand_sources(items: Iterable[str]) -> list[str]:
 
 def count_from_cli(args, mask) -> int:
     """``fastcount count A B ... --out-dir DIR [--scheduler ADDRESS | --workers N] [--summary T.csv]``."""
-    for flag in ("heatmap", "geojson", "checkpoint"):
-        if getattr(args, flag):
+    for flag in ("heatmap", "geojson", "checkpoint", "points"):
+        if getattr(args, flag, None):
             raise ValueError(f"--{flag} is for one slide; with several, --out-dir DIR holds each slide's JSON, "
                              f"heatmap and GeoJSON (and what a rerun resumes from)")
     if args.scheduler and args.workers:

@@ -38,6 +38,7 @@ from .accumulator import Accumulator, TileSum, reduce_tile
 from .checkpoint import Checkpoint, fingerprint
 from .job import SlideJob, plan_job
 from .plan import DEFAULT_TILE, Tile, check_tile
+from .points import SlidePoints
 from .prefetch import prefetch
 from .readers import SlideReader, open_reader
 from .result import SlideCount
@@ -51,7 +52,8 @@ TileConsumer = Callable[[Tile, torch.Tensor], None]
 @torch.inference_mode()
 def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, batch_size=None, device="auto",
                 backend=DEFAULT_BACKEND, precision="fp32", mask="auto", workers=None, progress=True, cell=None,
-                checkpoint=None, checkpoint_every: float = 30.0, queue_depth=None, pin_memory=None) -> SlideCount:
+                checkpoint=None, checkpoint_every: float = 30.0, queue_depth=None, pin_memory=None,
+                points=False) -> SlideCount:
     """Count objects in a slide or image of any size, tile by tile, exactly.
 
     Args:
@@ -83,6 +85,9 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
             the same arguments continues from it and gives the identical total.
         queue_depth: batches read ahead (default workers + 1).
         pin_memory: pinned host buffers for GPU copies (default: on for CUDA).
+        points: also locate the objects (``fastcount.locate`` on the tiles' count
+            map, exactly the whole-image points): ``SlideCount.points``. Not with
+            ``checkpoint`` (a resume file keeps tile sums, not count maps).
 
     Returns:
         ``SlideCount`` with ``.total``, ``.density``, ``.stats`` and exports.
@@ -91,6 +96,9 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
     rss_reset = reset_peak_rss()
     dev = resolve_device(device)
     _check_run_args(batch_size, workers, queue_depth, checkpoint_every, mask)
+    if points and checkpoint is not None:
+        raise ValueError("points=True cannot be combined with checkpoint: a resume file keeps tile sums, "
+                         "not the count map the points come from")
     model = _model_on(resolve_model(model, device=dev), dev, tile)
     was_training = model.training
     reader = open_reader(source, name="source")
@@ -112,17 +120,23 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
         depth = queue_depth or n_workers + 1
         pin = (dev.type == "cuda") if pin_memory is None else bool(pin_memory)
         todo = acc.pending()
+        located = SlidePoints(job.shape, model.geometry, job.kept) if points else None
         with tqdm(total=sum(len(job.batches[i]) for i in todo), unit="tile", disable=not progress,
                   desc=f"count {_short_name(reader)}", dynamic_ncols=True, leave=False) as bar:
             reads = prefetch(reader, job.level, job.batches, todo, workers=n_workers, depth=depth, pin=pin,
                              on_read=job.thumbnail_filler.add if job.thumbnail_filler is not None else None)
             t_compute = run_batches(job, fn, acc, reads, dev, checkpoint=ckpt,
+                                    consumers=[located] if located is not None else (),
                                     on_batch=lambda bi: bar.update(len(job.batches[bi])))
         density = acc.state()[2] / model.geometry.redundancy
         stats = _stats(job, acc, t_start=t_start, t_compute=t_compute, rss_reset=rss_reset, resumed=resumed,
                        geometry=model.geometry, backend=backend_name, precision=precision, device=dev,
                        workers=n_workers, depth=depth)
-        return _result(job, reader, model.geometry, acc.total(job.kept, model.geometry.redundancy), density, stats)
+        res = _result(job, reader, model.geometry, acc.total(job.kept, model.geometry.redundancy), density, stats)
+        if located is not None:
+            res.set_points(located.finish(res.total))
+            res.stats["locate_seconds"] = located.seconds
+        return res
     finally:
         model.train(was_training)
         if reader is not source:

@@ -65,6 +65,10 @@ class SlideCount:
     stride: int = 1
     mpp: float | None = None
     thumbnail: np.ndarray | None = field(default=None, repr=False)
+    # count_slide(points=True): level-0 (x, y) of each object, pixel (c, r) covering
+    # [c, c + 1) x [r, r + 1) as in QuPath (a pixel centre is (c + 0.5, r + 0.5)); and scores.
+    points: np.ndarray | None = field(default=None, repr=False)
+    point_scores: np.ndarray | None = field(default=None, repr=False)
 
     def __float__(self):
         return float(self.total)
@@ -103,6 +107,38 @@ class SlideCount:
             x0, x1 = max(W - 1.0, 0.0), float(W)
         return y0, x0, y1, x1
 
+    # ----------------------------------------------------------------- points
+
+    def set_points(self, located):
+        """Store ``fastcount.locate`` points (counted-level (row, col), pixel centres at whole
+        numbers) as level-0 (x, y) in the pixel-area convention of ``points``."""
+        sy, sx = self.level0_scale()
+        rc = np.asarray(located.coords, dtype=np.float64).reshape(-1, 2)
+        self.points = np.stack([(rc[:, 1] + 0.5) * sx, (rc[:, 0] + 0.5) * sy], 1)
+        self.point_scores = np.asarray(located.scores, dtype=np.float64).reshape(-1)
+
+    def _require_points(self, what: str):
+        if self.points is None:
+            raise ValueError(f"{what} needs points: run count_slide(..., points=True)")
+
+    def to_csv(self, path):
+        """Write the points as CSV ``x,y,score`` (level-0 pixels, see ``points``)."""
+        self._require_points("to_csv")
+        lines = ["x,y,score"] + [f"{x:.3f},{y:.3f},{s:.4f}" for (x, y), s in zip(self.points, self.point_scores)]
+        _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+        return Path(path)
+
+    def _point_features(self) -> list:
+        return [{
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": "Cell", "color": [0, 200, 0]},
+                "measurements": {"Score": float(s)},
+            },
+        } for (x, y), s in zip(self.points, self.point_scores)]
+
     # ----------------------------------------------------------------- exports
 
     def to_dict(self) -> dict:
@@ -133,14 +169,22 @@ class SlideCount:
             _atomic_write_text(Path(path), text)
         return text
 
-    def to_geojson(self, path=None, min_count: float = 0.0) -> dict:
+    def to_geojson(self, path=None, min_count: float = 0.0, points: bool = False) -> dict:
         """The density grid as a QuPath-importable GeoJSON FeatureCollection.
 
         One rectangular ``Polygon`` per block whose count exceeds ``min_count``
         (a number; ``-inf`` keeps every block), in level-0 pixel coordinates
         (x, y), with ``properties.objectType = "tile"`` and a ``"Count"``
-        measurement (QuPath 0.4+ dict form).
+        measurement (QuPath 0.4+ dict form). ``points=True``: the points
+        instead, one ``Point`` per object with ``objectType = "detection"``,
+        classification ``"Cell"`` and a ``"Score"`` measurement.
         """
+        if points:
+            self._require_points("to_geojson(points=True)")
+            gj = {"type": "FeatureCollection", "features": self._point_features()}
+            if path is not None:
+                _atomic_write_text(Path(path), json.dumps(gj))
+            return gj
         if isinstance(min_count, bool) or not isinstance(min_count, (int, float, np.integer, np.floating)) \
                 or math.isnan(min_count):
             raise TypeError(f"min_count must be a number (counts per block), got {min_count!r}")
@@ -164,8 +208,11 @@ class SlideCount:
             _atomic_write_text(Path(path), json.dumps(gj))
         return gj
 
-    def save_heatmap(self, path, alpha: float = 0.55, max_side: int = 1024):
-        """PNG: the density over a thumbnail of the slide, with a colour bar (counts per block)."""
+    def save_heatmap(self, path, alpha: float = 0.55, max_side: int = 1024, points: bool = False):
+        """PNG: the density over a thumbnail of the slide, with a colour bar (counts per block);
+        ``points=True`` also marks each point (a small red ring)."""
+        if points:
+            self._require_points("save_heatmap(points=True)")
         H, W = self.shape
         scale = min(1.0, max_side / max(H, W))
         th, tw = max(1, int(round(H * scale))), max(1, int(round(W * scale)))
@@ -198,6 +245,8 @@ class SlideCount:
         ramp = colormap(np.linspace(1, 0, bar_h))[:, None, :].repeat(bar_w, axis=1)
         canvas.paste(Image.fromarray(ramp), (tw + pad, 2))
         draw = ImageDraw.Draw(canvas)
+        if points:
+            _draw_points(draw, self.points, self.level0_scale(), (th / H, tw / W))
         for k in range(5):
             v = vmax - (vmax - vmin) * k / 4
             yy = 2 + int(round(k / 4 * (bar_h - 1)))
@@ -211,6 +260,15 @@ class SlideCount:
         with atomic_path(path) as tmp:
             canvas.save(tmp, format="PNG")
         return path
+
+
+def _draw_points(draw, points: np.ndarray, level0_scale, thumb_scale):
+    """Rings at the points (level-0 x, y) on a thumbnail scaled by ``thumb_scale`` (y, x) from the counted level."""
+    fy, fx = thumb_scale[0] / level0_scale[0], thumb_scale[1] / level0_scale[1]
+    rad = 2
+    for x, y in points:
+        u, v = x * fx, y * fy
+        draw.ellipse([u - rad, v - rad, u + rad, v + rad], outline=(255, 0, 0))
 
 
 def _fmt(v: float) -> str:

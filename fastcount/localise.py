@@ -1,0 +1,355 @@
+"""Points from the redundant count map: ``locate``.
+
+A count map is a noisy box sum of the dot map, ``F = B_r * L`` (the operator
+of ``make_targets``). ``locate`` undoes the box by a regularised inverse
+filter (Wiener; optionally more projected steps towards ``L >= 0``) computed
+with FFTs, takes the local maxima of the result as candidate objects, and
+places as many points in each block of the image as the count says are there.
+
+Local by construction, so tiles give exactly the whole-image answer: the
+image is cut into fixed ``block x block`` squares anchored at the origin. Each
+block is deconvolved from the count map over a window that reaches ``halo``
+pixels (default 2r) past the block on every side (plus the ``r - 1`` count-map rows that
+see those pixels), zeros outside the count map, and only the maxima whose
+pixel lies inside the block are kept. Every point therefore belongs to
+exactly one block (no duplicates or gaps at seams), and a block only needs
+the count map over its window, which is what the slide engine hands it
+(``fastcount.slide.points``).
+
+Count consistency: block ``b``'s count ``c_b`` is the count map summed over
+the pixels whose window is centred on the block (a partition of the map, so
+the ``c_b`` add up to the count ``sum(F) / (r/s)^2``). Negative block counts
+(an untrained or poorly fitting model) become 0, the rest are scaled to add
+up to ``round(count)`` and rounded by largest remainder: the image gets
+exactly ``round(count)`` points, every block the floor or ceil of its scaled
+count. A block with more objects than maxima repeats its best maxima; one
+with no candidate at all (nothing positive deconvolved in it) counts 0.
+
+Coordinates: (row, col) in input pixels, pixel ``p``'s centre at ``p``
+(dot annotations' convention). With output stride ``s`` the count map is a
+box of side ``r/s`` over ``s x s`` cells; points land on cell centres plus
+the sub-cell centroid.
+
+Rounding: tiled and whole-image count maps differ by float rounding (~1e-7
+relative). Everything runs in float64, maxima are taken with ``>=`` (ties of
+exactly equal values keep both), candidates are ordered by score then
+position, and block masses by value then block index, so only values within
+that rounding of a decision boundary can decide differently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .geometry import Geometry
+
+__all__ = ["locate", "Points", "Locator", "BlockCandidates", "DEFAULT_BLOCK", "DEFAULT_ITERATIONS"]
+
+DEFAULT_BLOCK = 512  # input pixels (at most the image's side); the unit of count consistency and of work
+# Count-map context past each block, in units of r: the inverse filter reaches far, and a short
+# halo costs F1 near seams (docs/accuracy.md).
+DEFAULT_HALO_WINDOWS = 2
+DEFAULT_ITERATIONS = 1  # more steps fit the model's noise: F1 falls (docs/accuracy.md)
+# Candidates kept per block beyond its expected count (the count is only known at the end).
+_SPARE = 8
+# A local maximum below this deconvolved value is noise, not an object.
+_MIN_PEAK = 1e-4
+_CHUNK = 16  # windows deconvolved at once
+_NMS = 1  # a maximum is the largest value within this many cells
+_EPS = 1e-4  # Wiener regularisation relative to the box's squared weight (best F1 on the default
+# weights' validation images, among 3e-5 .. 1e-3)
+
+
+class Points(NamedTuple):
+    """``coords``: float64 (N, 2) as (row, col) in input pixels; ``scores``: float64 (N,), the
+    deconvolved mass within one cell of the point (higher = clearer; the inverse filter spreads
+    an object, so a clean isolated one scores about 0.2 at stride 1)."""
+
+    coords: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self):  # the number of points, not of fields
+        return len(self.scores)
+
+
+@dataclass
+class BlockCandidates:
+    """One block's deconvolved mass and its candidate points, best first."""
+
+    index: int  # raster index of the block
+    mass: float
+    coords: np.ndarray  # (k, 2) input-pixel (row, col)
+    scores: np.ndarray  # (k,)
+
+
+class Locator:
+    """The block plan and the deconvolution for an ``height x width`` image.
+
+    Count-map coordinates are those of the (strided) count map; ``cells`` are
+    its ``s x s`` input cells (the dot map the box acts on), ``k = r/s`` its box side.
+    """
+
+    def __init__(self, height: int, width: int, geometry: Geometry, *, block: int = DEFAULT_BLOCK,
+                 halo: int | None = None, iterations: int = DEFAULT_ITERATIONS):
+        for name, v in (("block", block), ("iterations", iterations)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        halo = DEFAULT_HALO_WINDOWS * geometry.r if halo is None else halo
+        if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+            raise ValueError(f"halo must be a non-negative int (input pixels), got {halo!r}")
+        s = geometry.stride
+        if block % s or halo % s:
+            raise ValueError(f"block and halo must be multiples of the stride {s}, got block={block}, halo={halo}")
+        self.g, self.height, self.width = geometry, height, width
+        self.k = geometry.r // s
+        self.map_shape = geometry.output_size(height, width)
+        self.cells = (self.map_shape[0] - self.k, self.map_shape[1] - self.k)
+        # in cells; a block never exceeds the image (smaller FFTs for small images, same for every tiling)
+        self.block, self.halo, self.iterations = min(block // s, max(self.cells)), halo // s, iterations
+        self.grid = (-(-self.cells[0] // self.block), -(-self.cells[1] // self.block))
+        self.side = self.block + 2 * self.halo  # cells of a window
+        self.map_side = self.side + self.k - 1  # count-map pixels of a window
+
+    @property
+    def n_blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def window(self, index: int) -> tuple[int, int]:
+        """Count-map (row, col) of the first pixel of block ``index``'s window (may be negative).
+
+        Its cells start ``halo`` before the block; count-map row ``Y`` sees cells
+        ``Y - k .. Y - 1``, so the window's rows are the cells' first + 1 onwards."""
+        bi, bj = divmod(index, self.grid[1])
+        return bi * self.block - self.halo + 1, bj * self.block - self.halo + 1
+
+    def windows_of(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
+        """Blocks whose window meets count-map rows [y0, y1) x cols [x0, x1)."""
+        def span(a, b, n):  # window rows [i*block - halo + 1, + map_side) meet [a, b)
+            lo = max(0, (a + self.halo - 1 - self.map_side) // self.block + 1)
+            hi = min(n - 1, (b + self.halo - 2) // self.block)
+            return range(lo, hi + 1)
+        return [i * self.grid[1] + j for i in span(y0, y1, self.grid[0]) for j in span(x0, x1, self.grid[1])]
+
+    def crop_window(self, count_map: torch.Tensor, index: int) -> torch.Tensor:
+        """Block ``index``'s window of a whole count map, zeros outside it."""
+        y, x = self.window(index)
+        out = count_map.new_zeros((self.map_side, self.map_side), dtype=torch.float64)
+        H, W = count_map.shape
+        ya, yb, xa, xb = max(y, 0), min(y + self.map_side, H), max(x, 0), min(x + self.map_side, W)
+        if ya < yb and xa < xb:
+            out[ya - y : yb - y, xa - x : xb - x] = count_map[ya:yb, xa:xb]
+        return out
+
+    # ------------------------------------------------------------------ deconvolution
+
+    def solve(self, indices: list[int], windows: torch.Tensor) -> list[BlockCandidates]:
+        """Candidates of blocks ``indices`` from their count-map ``windows`` (N, map_side, map_side)."""
+        out = []
+        for a in range(0, len(indices), _CHUNK):
+            idx = indices[a : a + _CHUNK]
+            F = windows[a : a + _CHUNK].to(torch.float64)
+            out.extend(self._candidates(self._deconvolve(F, idx), self._block_counts(F, idx), idx))
+        return out
+
+    def _valid(self, indices, dev) -> torch.Tensor:
+        """(N, side, side) mask of window cells inside the image's cell grid."""
+        m = torch.zeros((len(indices), self.side, self.side), dtype=torch.float64, device=dev)
+        for n, i in enumerate(indices):
+            y, x = self.window(i)
+            cy, cx = y - 1, x - 1  # first cell of the window
+            ya, yb = max(cy, 0) - cy, min(cy + self.side, self.cells[0]) - cy
+            xa, xb = max(cx, 0) - cx, min(cx + self.side, self.cells[1]) - cx
+            if ya < yb and xa < xb:
+                m[n, ya:yb, xa:xb] = 1.0
+        return m
+
+    def _deconvolve(self, F: torch.Tensor, indices) -> torch.Tensor:
+        """Non-negative ``F = box_k * L`` on the valid cells: Wiener-preconditioned projected
+        Landweber steps, from ``L = 0``. The window's box sum is exactly a circular convolution
+        of size ``n >= map_side`` (nothing wraps), so each step is two FFTs."""
+        k, side = self.k, self.side
+        valid = self._valid(indices, F.device)
+        n = _fft_size(self.map_side)
+        box = torch.zeros((n, n), dtype=torch.float64, device=F.device)
+        box[:k, :k] = 1.0
+        H = torch.fft.rfft2(box)
+        P = H.conj() / (H.abs() ** 2 + _EPS * float(k) ** 4)  # regularised inverse
+        Fp = torch.nn.functional.pad(F, (0, n - F.shape[-1], 0, n - F.shape[-2]))
+        L = torch.zeros_like(valid)
+        for _ in range(self.iterations):
+            R = Fp - torch.fft.irfft2(torch.fft.rfft2(L, s=(n, n)) * H, s=(n, n))
+            R[..., self.map_side :, :] = 0
+            R[..., :, self.map_side :] = 0
+            dL = torch.fft.irfft2(torch.fft.rfft2(R) * P, s=(n, n))[..., :side, :side]
+            L = (L + dL).clamp(min=0) * valid
+        return L
+
+    def _block_counts(self, F: torch.Tensor, indices) -> list[float]:
+        """Each block's count: the count map's pixels whose window is centred on the block's cells
+        (pixel ``Y`` sees cells ``Y - k .. Y - 1``; centre cell ``Y - (k + 1) // 2``; the margins
+        past the image go to the edge blocks), / k^2. The blocks partition the map: they add up to
+        the count exactly."""
+        k, b = self.k, self.block
+        first = self.halo - 1 + (k + 1) // 2  # window row of the block's first cell's centre pixel
+        out = []
+        for n, i in enumerate(indices):
+            bi, bj = divmod(i, self.grid[1])
+            y0 = 0 if bi == 0 else first
+            y1 = self.map_side if bi == self.grid[0] - 1 else first + b
+            x0 = 0 if bj == 0 else first
+            x1 = self.map_side if bj == self.grid[1] - 1 else first + b
+            out.append(float(F[n, y0:y1, x0:x1].sum()) / (k * k))
+        return out
+
+    def _candidates(self, L: torch.Tensor, counts: list[float], indices) -> list[BlockCandidates]:
+        """Maxima of ``L`` inside each block, best first, with the block's count as its mass."""
+        h, b = self.halo, self.block
+        peak = torch.nn.functional.max_pool2d(L[:, None], 2 * _NMS + 1, stride=1, padding=_NMS)[:, 0]
+        mass3 = _box3(L)
+        Lp = torch.nn.functional.pad(L, (1, 1, 1, 1))
+        ys = torch.arange(-1, 2, dtype=torch.float64, device=L.device)
+        out = []
+        for n, i in enumerate(indices):
+            bi, bj = divmod(i, self.grid[1])
+            inner = L[n, h : h + b, h : h + b]
+            is_max = (inner >= peak[n, h : h + b, h : h + b]) & (inner > _MIN_PEAK)
+            mass = counts[n]
+            r, c = torch.nonzero(is_max, as_tuple=True)
+            score = mass3[n, h : h + b, h : h + b][r, c]
+            if len(score) == 0 and mass > 0 and bool((inner > 0).any()):  # no interior maximum: its largest cell
+                j = int(torch.argmax(inner))
+                r, c = torch.tensor([j // b], device=L.device), torch.tensor([j % b], device=L.device)
+                score = mass3[n, h : h + b, h : h + b][r, c]
+            # best first; equal scores in raster order (deterministic)
+            order = np.lexsort((c.cpu().numpy(), r.cpu().numpy(), -score.cpu().numpy()))
+            keep = order[: int(np.ceil(max(mass, 0.0) * 1.5)) + _SPARE]
+            r, c, score = r[keep], c[keep], score[keep]
+            # sub-cell position: centroid of L over the 3 x 3 around the maximum
+            nb = torch.stack([Lp[n, r + h + 1 + dy, c + h + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)
+            nb = nb.reshape(-1, 3, 3)
+            tot = nb.sum((1, 2)).clamp(min=1e-300)
+            oy = (nb.sum(2) * ys).sum(1) / tot
+            ox = (nb.sum(1) * ys).sum(1) / tot
+            cy = (bi * b + r).to(torch.float64) + oy
+            cx = (bj * b + c).to(torch.float64) + ox
+            s = self.g.stride
+            coords = torch.stack([cy * s + (s - 1) / 2, cx * s + (s - 1) / 2], 1).cpu().numpy()
+            out.append(BlockCandidates(i, mass, coords.reshape(-1, 2), score.cpu().numpy()))
+        return out
+
+    # ------------------------------------------------------------------ points
+
+    def finish(self, blocks: list[BlockCandidates], total: float) -> Points:
+        """Points from every block's candidates, ``round(total)`` of them (see the module docstring)."""
+        blocks = sorted(blocks, key=lambda c: c.index)
+        n_total = max(0, int(round(total))) if np.isfinite(total) else 0
+        # a block with nothing deconvolved in it (no candidate) passes its share to the others
+        masses = np.array([max(c.mass, 0.0) if len(c.scores) else 0.0 for c in blocks])
+        counts = _largest_remainder(masses, n_total)
+        coords, scores = [], []
+        for c, n in zip(blocks, counts):
+            if n == 0 or len(c.scores) == 0:
+                continue
+            take = np.arange(n) % len(c.scores)  # more objects than maxima: the best ones hold several
+            coords.append(c.coords[take])
+            scores.append(c.scores[take])
+        if not coords:
+            return Points(np.zeros((0, 2)), np.zeros(0))
+        return Points(np.concatenate(coords), np.concatenate(scores))
+
+
+def _largest_remainder(masses: np.ndarray, n_total: int) -> np.ndarray:
+    """Whole counts per block adding up to ``n_total``, each the floor or ceil of its share."""
+    s = masses.sum()
+    if n_total == 0 or s <= 0:
+        return np.zeros(len(masses), dtype=np.int64)
+    q = masses * (n_total / s)
+    base = np.floor(q).astype(np.int64)
+    rest = n_total - int(base.sum())
+    frac = q - base
+    order = np.lexsort((np.arange(len(q)), -frac))  # largest remainder first; ties: lower block
+    base[order[:rest]] += 1
+    return base
+
+
+def _fft_size(m: int) -> int:
+    """The smallest 2^a 3^b 5^c >= m (fast FFT sizes)."""
+    n = m
+    while True:
+        x = n
+        for p in (2, 3, 5):
+            while x % p == 0:
+                x //= p
+        if x == 1:
+            return n
+        n += 1
+
+
+def _box_valid(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    c = torch.cumsum(x, dim)
+    n = x.shape[dim]
+    head = c.narrow(dim, k - 1, 1)
+    rest = c.narrow(dim, k, n - k) - c.narrow(dim, 0, n - k)
+    return torch.cat([head, rest], dim)
+
+
+def _box3(L: torch.Tensor) -> torch.Tensor:
+    """3 x 3 sums (zeros outside)."""
+    p = torch.nn.functional.pad(L[:, None], (1, 1, 1, 1))[:, 0]
+    return _box_valid(_box_valid(p, 3, -1), 3, -2)
+
+
+def locate(count_map, *, patch_size: int = 32, stride: int = 1, block: int = DEFAULT_BLOCK,
+           halo: int | None = None, iterations: int = DEFAULT_ITERATIONS, total: float | None = None) -> Points:
+    """Object positions from one image's count map.
+
+    Args:
+        count_map: ``(H', W')`` (or ``(1, 1, H', W')``) count map of an image, as
+            the model returns it (``H' = ceil((H + r) / s)``).
+        patch_size, stride: the model's geometry (``model.patch_size``, ``model.stride``).
+        block: side in input pixels of the blocks points are counted in (a
+            multiple of the stride). halo: input pixels of count-map context
+            past each block (default 2r). iterations: deconvolution steps.
+        total: the count the points must add up to (default: the map's count,
+            ``sum / (r/s)^2``).
+
+    Returns:
+        ``Points(coords, scores)``: (N, 2) float64 (row, col) input-pixel
+        positions (pixel ``p``'s centre at ``p``) and a score per point, with
+        ``N = round(total)`` (0 if it is negative).
+    """
+    g = Geometry(patch_size, stride)
+    F = _as_count_map(count_map)
+    Hc, Wc = F.shape[0] * g.stride - g.r, F.shape[1] * g.stride - g.r  # input sides up to the stride
+    loc = Locator(max(Hc, 1), max(Wc, 1), g, block=block, halo=halo, iterations=iterations)
+    if loc.map_shape != tuple(F.shape):
+        raise ValueError(f"count_map of shape {tuple(F.shape)} is not a count map of patch_size={patch_size}, "
+                         f"stride={stride} (sides must be >= {g.r // g.stride + 1})")
+    idx = list(range(loc.n_blocks))
+    cands = []
+    for a in range(0, len(idx), _CHUNK):
+        part = idx[a : a + _CHUNK]
+        cands += loc.solve(part, torch.stack([loc.crop_window(F, i) for i in part]))
+    if total is None:
+        total = float(F.sum()) / g.redundancy
+    return loc.finish(cands, float(total))
+
+
+def _as_count_map(count_map) -> torch.Tensor:
+    if isinstance(count_map, np.ndarray):
+        count_map = torch.from_numpy(np.ascontiguousarray(count_map))
+    if not isinstance(count_map, torch.Tensor):
+        raise TypeError(f"count_map must be a torch.Tensor or numpy.ndarray, got {type(count_map).__name__}")
+    if count_map.dim() == 4 and count_map.shape[:2] == (1, 1):
+        count_map = count_map[0, 0]
+    if count_map.dim() != 2:
+        raise ValueError(f"count_map must be (H, W) or (1, 1, H, W), got shape {tuple(count_map.shape)}")
+    if count_map.is_complex() or count_map.dtype == torch.bool:
+        raise TypeError(f"count_map must be real, got dtype {count_map.dtype}")
+    F = count_map.detach().to(torch.float64)
+    if not bool(torch.isfinite(F).all()):
+        raise ValueError("count_map contains NaN or infinite values")
+    return F
