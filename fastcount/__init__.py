@@ -8,9 +8,11 @@ Public API::
     t = fastcount.make_targets(dots)                  # dot map -> count-map target
     c = fastcount.redundant_count(model(x))           # count map -> count per image
     r = fastcount.count_slide("slide.svs", model)     # any size, tiled, exact -> SlideCount
+    fastcount.export_onnx(model, "model.onnx")         # BN folded, geometry in the metadata
 """
 from . import geometry
 from .api import count_image
+from .export import export_onnx
 from .io import load_model, save_model
 from .model import CountCeption
 from .ops import make_targets, make_targets_from_points, redundant_count
@@ -22,6 +24,7 @@ __all__ = [
     "CountCeption",
     "count_image",
     "count_slide",
+    "export_onnx",
     "SlideCount",
     "geometry",
     "load_model",
