@@ -36,6 +36,7 @@ from ..model import CountCeption
 from ..system import peak_rss_mb, reset_peak_rss
 from .accumulator import Accumulator, TileSum, reduce_tile
 from .checkpoint import Checkpoint, fingerprint
+from .compute import tile_maps
 from .job import SlideJob, plan_job
 from .plan import DEFAULT_TILE, Tile, check_tile
 from .prefetch import prefetch
@@ -173,10 +174,9 @@ def _count_batch(fn, job: SlideJob, acc: Accumulator, bi: int, x_dev: torch.Tens
     """Run batch ``bi`` through the backend and add its tiles to ``acc``; returns the compute seconds."""
     t0 = time.perf_counter()
     x = x_dev.permute(0, 3, 1, 2).to(torch.float32).contiguous()
-    out = fn(x)
     results: list[TileSum] = []
-    for k, t in enumerate(job.batches[bi]):
-        piece = out[k, 0, t.cy0 : t.cy1, t.cx0 : t.cx1].to(torch.float64)
+    pieces = tile_maps(fn, x, job.batches[bi], job.shape, job.plan.geometry)
+    for t, piece in zip(job.batches[bi], pieces):
         for consume in consumers:
             consume(t, piece)
         results.append(reduce_tile(t, piece, job.cell))
