@@ -17,7 +17,7 @@ from .model import CountCeption
 from .ops import has_compiled_ops
 from .plots import plot_learning_curves
 from .slide import count_slide
-from .slide.plan import DEFAULT_TILE
+from .slide.plan import DEFAULT_CPU_TILE, DEFAULT_TILE
 from .train import TrainConfig, evaluate, run_protocol, split_indices, train
 
 __all__ = ["main", "build_parser"]
@@ -50,12 +50,13 @@ def _add_train_args(p):
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
 
-def _add_count_args(p, tile=DEFAULT_TILE):
+def _add_count_args(p, tile=None):
     p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels")
+    p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels" + (
+        f" (default {DEFAULT_CPU_TILE} on the CPU, {DEFAULT_TILE} on a GPU)" if tile is None else ""))
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="reader threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

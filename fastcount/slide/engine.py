@@ -38,7 +38,7 @@ from .accumulator import Accumulator, TileSum, reduce_tile
 from .checkpoint import Checkpoint, fingerprint
 from .compute import tile_maps
 from .job import SlideJob, plan_job
-from .plan import DEFAULT_TILE, Tile, check_tile
+from .plan import Tile, check_tile, default_tile
 from .prefetch import prefetch
 from .readers import SlideReader, open_reader
 from .result import SlideCount
@@ -50,7 +50,7 @@ TileConsumer = Callable[[Tile, torch.Tensor], None]
 
 
 @torch.inference_mode()
-def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, batch_size=None, device="auto",
+def count_slide(source, model=None, *, level=0, mpp=None, tile=None, batch_size=None, device="auto",
                 backend=DEFAULT_BACKEND, precision="fp32", mask="auto", workers=None, progress=True, cell=None,
                 checkpoint=None, checkpoint_every: float = 30.0, queue_depth=None, pin_memory=None) -> SlideCount:
     """Count objects in a slide or image of any size, tile by tile, exactly.
@@ -66,7 +66,8 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
         tile: largest output tile side in full-resolution count-map pixels
             (>= 16 and a multiple of the model's stride). The plan evens tiles
             out (no thin slivers at the far edge); each tile reads at most
-            ``tile + r + 12 + stride`` input rows.
+            ``tile + r + 12 + stride`` input rows. None: ``DEFAULT_CPU_TILE`` (512)
+            on the CPU, ``DEFAULT_TILE`` (1024) on a GPU (``slide/plan.py``).
         batch_size: tiles per backend call (tiles of equal input shape are
             batched together); default 1 on CPU, about 4 Mpx per batch on GPU.
         device, backend, precision: see ``fastcount.inference.compile``.
@@ -91,6 +92,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
     t_start = time.perf_counter()
     rss_reset = reset_peak_rss()
     dev = resolve_device(device)
+    tile = default_tile(dev) if tile is None else tile
     _check_run_args(batch_size, workers, queue_depth, checkpoint_every, mask)
     model = _model_on(resolve_model(model, device=dev), dev, tile)
     was_training = model.training
