@@ -32,6 +32,7 @@ from ..api import resolve_model
 from ..devices import resolve_device
 from ..inference import DEFAULT_BACKEND
 from ..inference import compile as compile_backend
+from ..inference.memory import release as release_pool
 from ..model import CountCeption
 from ..system import peak_rss_mb, reset_peak_rss
 from .accumulator import Accumulator, TileSum, reduce_tile
@@ -128,6 +129,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=None, batch_size=
         return _result(job, reader, model.geometry, acc.total(job.kept, model.geometry.redundancy), density, stats)
     finally:
         model.train(was_training)
+        release_pool()  # the cpu backend's idle tile activations: the caller gets that memory back
         if reader is not source:
             reader.close()
 
