@@ -21,6 +21,10 @@ What runs where (activations NHWC / channels_last throughout):
   (matmuls on an NCHW one), on the stride-s subsampled map (1x1 convs commute
   with subsampling).
 
+``backend.unpadded(x)`` runs the same network with the first conv unpadded (the
+caller pads where it wants zeros): ``count_slide`` pads only a tile's true-image-border
+sides (``fastcount.slide.compute``), so no tile computes rows it crops away.
+
 Every call runs inside fastcount's caching allocator
 (:mod:`fastcount.inference.memory`, ``reuse_memory=True``), so large
 activations reuse the previous call's memory instead of fresh mmaps.
