@@ -10,9 +10,11 @@ Public API::
     r = fastcount.count_slide("slide.svs", model)     # any size, tiled, exact -> SlideCount
     t = fastcount.count_slides(paths, model, client=c) # many slides on a Dask cluster -> SlidesResult
     p = fastcount.locate(model(x))                    # count map -> object positions (Points)
+    fastcount.export_onnx(model, "model.onnx")         # BN folded, geometry in the metadata
 """
 from . import geometry
 from .api import count_image
+from .export import export_onnx
 from .io import load_model, save_model
 from .localise import Points, locate
 from .model import CountCeption
@@ -25,6 +27,7 @@ __all__ = [
     "CountCeption",
     "count_image",
     "count_slide",
+    "export_onnx",
     "SlideCount",
     "geometry",
     "load_model",

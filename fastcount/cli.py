@@ -9,6 +9,7 @@ from . import __version__
 from .data import load_dataset, read_image
 from .data.synth import write_synthetic_slide
 from .devices import resolve_device
+from .export import export_onnx
 from .inference import BACKENDS, DEFAULT_BACKEND, PRECISIONS, calibrate_bf16
 from . import io as weights_io  # default_weights_path read at call time (tests point it elsewhere)
 from .io import load_model, save_model
@@ -16,7 +17,7 @@ from .model import CountCeption
 from .ops import has_compiled_ops
 from .plots import plot_learning_curves
 from .slide import count_slide
-from .slide.plan import DEFAULT_TILE
+from .slide.plan import DEFAULT_CPU_TILE, DEFAULT_TILE
 from .train import TrainConfig, evaluate, run_protocol, split_indices, train
 
 __all__ = ["main", "build_parser"]
@@ -49,12 +50,13 @@ def _add_train_args(p):
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
 
 
-def _add_count_args(p, tile=DEFAULT_TILE):
+def _add_count_args(p, tile=None):
     p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels")
+    p.add_argument("--tile", type=int, default=tile, help="output tile side in pixels" + (
+        f" (default {DEFAULT_CPU_TILE} on the CPU, {DEFAULT_TILE} on a GPU)" if tile is None else ""))
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None,
                    help="reader threads (count with several slides: local Dask worker processes)")
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0, help="--untrained: filter-count multiplier of the random model")
     p.add_argument("--out", default=None, help="keep the synthetic slide in this folder (default: a temp dir)")
     p.add_argument("--heatmap", default="fastcount_demo_heatmap.png", help="heatmap PNG path")
+
+    p = sub.add_parser("export", help="write the model (BatchNorm folded) for other runtimes")
+    p.add_argument("--onnx", required=True, metavar="PATH", help="ONNX file to write (geometry in its metadata)")
+    p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
 
     sub.add_parser("info", help="versions, compiled ops, devices")
     return ap
@@ -273,6 +279,15 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_export(args):
+    model = load_model(args.weights)
+    path = export_onnx(model, args.onnx)
+    g = model.geometry
+    print(f"{path}: ONNX, BatchNorm folded, dynamic batch/height/width; patch {g.patch_size}, stride {g.stride}, "
+          f"halo {g.halo_before}/{g.halo_after}, redundancy {g.redundancy}")
+    return 0
+
+
 def cmd_info(args):
     import torch
 
@@ -288,8 +303,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "count": cmd_count, "demo": cmd_demo,
-                "info": cmd_info}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+                "export": cmd_export, "info": cmd_info}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"fastcount {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from ..api import resolve_model
+from ..devices import resolve_device
 from ..inference import DEFAULT_BACKEND
 from ..inference.rounding import current_rounding
 from ..io import default_weights_path, save_model
@@ -28,7 +29,7 @@ from ..model import CountCeption
 from ..slide.accumulator import Accumulator
 from ..slide.engine import _check_run_args, _result
 from ..slide.job import SlideJob, plan_job
-from ..slide.plan import DEFAULT_TILE, check_tile
+from ..slide.plan import DEFAULT_CPU_TILE, DEFAULT_TILE, check_tile
 from ..slide.readers import open_reader
 from ..slide.result import SlideCount
 from .table import SlidesResult, row
@@ -338,7 +339,7 @@ def _check_options(options: dict) -> dict:
     if bad:
         extra = " (out_dir is count_slides' resume mechanism)" if {"checkpoint", "checkpoint_every"} & set(bad) else ""
         raise TypeError(f"count_slides got unexpected options {bad}; it takes {list(_SLIDE_OPTIONS)}{extra}")
-    o = {"level": 0, "mpp": None, "tile": DEFAULT_TILE, "batch_size": None, "device": "auto",
+    o = {"level": 0, "mpp": None, "tile": None, "batch_size": None, "device": "auto",
          "backend": DEFAULT_BACKEND, "precision": "fp32", "mask": "auto", "workers": None, "cell": None,
          "queue_depth": None, "pin_memory": None}
     o.update(options)
@@ -388,12 +389,24 @@ def count_slides(sources, model=None, *, client: Client | None = None, out_dir=N
     if own:
         client = local_client(device=opts["device"])
     try:
+        if opts["tile"] is None:
+            opts["tile"] = _workers_default_tile(client, opts["device"])
         return _count(client, sources, model, opts, split, out_dir, progress)
     finally:
         if own:
             cluster = client.cluster
             client.close()
             cluster.close()
+
+
+def _workers_default_tile(client, device) -> int:
+    """The tile ``count_slide`` would pick on the workers' device (slides are planned here, on the client)."""
+    types = client.run(_device_type, device)  # {worker address: "cpu" | "cuda" | ...}
+    return DEFAULT_TILE if types and all(t != "cpu" for t in types.values()) else DEFAULT_CPU_TILE
+
+
+def _device_type(device) -> str:
+    return resolve_device(device).type
 
 
 def _count(client, sources, model, opts, split, out_dir, progress) -> SlidesResult:

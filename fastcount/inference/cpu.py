@@ -21,6 +21,10 @@ What runs where (activations NHWC / channels_last throughout):
   (matmuls on an NCHW one), on the stride-s subsampled map (1x1 convs commute
   with subsampling).
 
+``backend.unpadded(x)`` runs the same network with the first conv unpadded (the
+caller pads where it wants zeros): ``count_slide`` pads only a tile's true-image-border
+sides (``fastcount.slide.compute``), so no tile computes rows it crops away.
+
 Every call runs inside fastcount's caching allocator
 (:mod:`fastcount.inference.memory`, ``reuse_memory=True``), so large
 activations reuse the previous call's memory instead of fresh mmaps.
@@ -312,6 +316,7 @@ class CPUBackend:
                 # weights to bf16 shifts every pixel of the map the same way, a count bias
                 # that does not average out (measured: 4x larger count error).
                 self.ops.append(_Conv(layer.weight, layer.bias, layer.padding, layer.slope, torch.float32))
+                self._first_unpadded = _Conv(layer.weight, layer.bias, 0, layer.slope, torch.float32)
         # The head is cheap too (1x1 convs on 64 channels at width 1); fp32 keeps the count sum exact-ish.
         self.head = _Head(head, torch.float32) if head else None
         self.choice = _Choice(precision, tuple(merged), tuple(larges), fft_size)
@@ -330,6 +335,24 @@ class CPUBackend:
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, unpadded=False)
+
+    def unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """The count map with the first conv's zero padding (r on every side) left out.
+
+        ``unpadded(F.pad(x, (r, r, r, r)))`` equals ``self(x)``; a slide tile pads only the
+        sides on the true image border and reads the real pixels (its halo) elsewhere, so
+        the map it computes is only the rows it keeps plus 6 on each side (the padded 3x3
+        convs' margin) instead of r + 6 + r. Output: (N, 1, ceil((H - r) / s), ceil((W - r) / s));
+        full-resolution row j is centred on input row j + r/2.
+        """
+        r = self.geometry.patch_size
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[2:]) <= r:
+            raise ValueError(f"x must be larger than the patch size {r} on both sides for unpadded(), "
+                             f"got shape {tuple(x.shape)}")
+        return self._run(x, unpadded=True)
+
+    def _run(self, x: torch.Tensor, unpadded: bool) -> torch.Tensor:
         check_input(x, self.in_channels, _CPU, self.name)
         old = torch.get_num_threads()
         want = self.threads or _all_cores()
@@ -337,15 +360,16 @@ class CPUBackend:
             torch.set_num_threads(want)
         try:
             with torch.inference_mode(), pooled(self.reuse_memory):
-                return self._forward(x)
+                return self._forward(x, unpadded)
         finally:
             if want != old:
                 torch.set_num_threads(old)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, unpadded: bool = False) -> torch.Tensor:
         # .to / contiguous copy (never in place), so the caller's tensor is untouched.
         y = _nhwc(x.to(torch.float32))
-        for op in self.ops:
+        ops = [self._first_unpadded, *self.ops[1:]] if unpadded else self.ops
+        for op in ops:
             if isinstance(op, _Large):
                 y = op(y if op.method == "fft" or y.dtype == self.dtype else y.to(self.dtype))
                 if op.method == "fft" and op is not self._last_large():

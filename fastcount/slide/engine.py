@@ -32,12 +32,14 @@ from ..api import resolve_model
 from ..devices import resolve_device
 from ..inference import DEFAULT_BACKEND
 from ..inference import compile as compile_backend
+from ..inference.memory import release as release_pool
 from ..model import CountCeption
 from ..system import peak_rss_mb, reset_peak_rss
 from .accumulator import Accumulator, TileSum, reduce_tile
 from .checkpoint import Checkpoint, fingerprint
+from .compute import tile_maps
 from .job import SlideJob, plan_job
-from .plan import DEFAULT_TILE, Tile, check_tile
+from .plan import Tile, check_tile, default_tile
 from .points import SlidePoints
 from .prefetch import prefetch
 from .readers import SlideReader, open_reader
@@ -50,7 +52,7 @@ TileConsumer = Callable[[Tile, torch.Tensor], None]
 
 
 @torch.inference_mode()
-def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, batch_size=None, device="auto",
+def count_slide(source, model=None, *, level=0, mpp=None, tile=None, batch_size=None, device="auto",
                 backend=DEFAULT_BACKEND, precision="fp32", mask="auto", workers=None, progress=True, cell=None,
                 checkpoint=None, checkpoint_every: float = 30.0, queue_depth=None, pin_memory=None,
                 points=False) -> SlideCount:
@@ -67,7 +69,8 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
         tile: largest output tile side in full-resolution count-map pixels
             (>= 16 and a multiple of the model's stride). The plan evens tiles
             out (no thin slivers at the far edge); each tile reads at most
-            ``tile + r + 12 + stride`` input rows.
+            ``tile + r + 12 + stride`` input rows. None: ``DEFAULT_CPU_TILE`` (512)
+            on the CPU, ``DEFAULT_TILE`` (1024) on a GPU (``slide/plan.py``).
         batch_size: tiles per backend call (tiles of equal input shape are
             batched together); default 1 on CPU, about 4 Mpx per batch on GPU.
         device, backend, precision: see ``fastcount.inference.compile``.
@@ -95,6 +98,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
     t_start = time.perf_counter()
     rss_reset = reset_peak_rss()
     dev = resolve_device(device)
+    tile = default_tile(dev) if tile is None else tile
     _check_run_args(batch_size, workers, queue_depth, checkpoint_every, mask)
     if points and checkpoint is not None:
         raise ValueError("points=True cannot be combined with checkpoint: a resume file keeps tile sums, "
@@ -139,6 +143,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=DEFAULT_TILE, bat
         return res
     finally:
         model.train(was_training)
+        release_pool()  # the cpu backend's idle tile activations: the caller gets that memory back
         if reader is not source:
             reader.close()
 
@@ -187,10 +192,9 @@ def _count_batch(fn, job: SlideJob, acc: Accumulator, bi: int, x_dev: torch.Tens
     """Run batch ``bi`` through the backend and add its tiles to ``acc``; returns the compute seconds."""
     t0 = time.perf_counter()
     x = x_dev.permute(0, 3, 1, 2).to(torch.float32).contiguous()
-    out = fn(x)
     results: list[TileSum] = []
-    for k, t in enumerate(job.batches[bi]):
-        piece = out[k, 0, t.cy0 : t.cy1, t.cx0 : t.cx1].to(torch.float64)
+    pieces = tile_maps(fn, x, job.batches[bi], job.shape, job.plan.geometry)
+    for t, piece in zip(job.batches[bi], pieces):
         for consume in consumers:
             consume(t, piece)
         results.append(reduce_tile(t, piece, job.cell))

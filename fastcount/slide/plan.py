@@ -19,12 +19,22 @@ from dataclasses import dataclass
 
 from ..geometry import Geometry
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "MIN_TILE", "DEFAULT_TILE", "check_tile"]
+__all__ = ["Tile", "TilePlan", "plan_tiles", "MIN_TILE", "DEFAULT_TILE", "DEFAULT_CPU_TILE", "default_tile",
+           "check_tile"]
 
 # Smaller tiles would spend almost all their work on the 2 x (r + 6) halo.
 MIN_TILE = 16
-# The output tile side ``count_slide`` and ``fastcount count`` use unless told otherwise.
+# The output tile side ``count_slide`` and ``fastcount count`` use unless told otherwise: on a GPU
+# (large batches of large tiles keep it busy), and on the CPU, where a smaller tile is as fast
+# (the cpu backend computes a tile's halo only once, slide/compute.py) at less memory
+# (measured: benchmarks/RESULTS.md, "count_slide against the raw backend").
 DEFAULT_TILE = 1024
+DEFAULT_CPU_TILE = 512
+
+
+def default_tile(device) -> int:
+    """The default output tile side for a ``torch.device``: ``DEFAULT_CPU_TILE`` on the CPU, else ``DEFAULT_TILE``."""
+    return DEFAULT_CPU_TILE if device.type == "cpu" else DEFAULT_TILE
 
 
 @dataclass(frozen=True)
