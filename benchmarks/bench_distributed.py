@@ -140,7 +140,7 @@ def test_empty_units(benchmark, client2, model, slides):
     # Register the model and build it on both workers (as a real run would, once), then time units of no tiles.
     fastcount.count_slides(slides[:2], model, client=client2, tile=TILE, progress=False)
     fp = fd_slides.model_fingerprint(model)
-    specs = [fd_worker.UnitSpec(source=slides[i % N_SLIDES], name=slides[i % N_SLIDES], level=0, cell=8, batch_size=1,
+    specs = [fd_worker.UnitSpec(source=slides[i % N_SLIDES], name=slides[i % N_SLIDES], level=0, tile=TILE, grid=(0, 0), cell=8, batch_size=1,
                           first_batch=0, batches=(), model=fp, device="cpu", backend="auto", precision="fp32",
                           reader_threads=None, queue_depth=None, pin_memory=None) for i in range(200)]
 

@@ -117,7 +117,8 @@ def test_units_carry_no_pixels_and_no_model(slides, model):
     paths, _ = slides
     job = plan_job(open_reader(paths[0]), model.geometry, level=0, mpp=None, tile=TILE, cell=None, mask="auto",
                    batch_size=1, device=torch.device("cpu"))
-    spec = fd_worker.UnitSpec(source=paths[0], name=paths[0], level=0, cell=job.cell, batch_size=1, first_batch=0,
+    spec = fd_worker.UnitSpec(source=paths[0], name=paths[0], level=0, tile=job.plan.tile, grid=job.plan.grid,
+                              cell=job.cell, batch_size=1, first_batch=0,
                         batches=tuple(tuple(b) for b in job.batches[:3]), model="f" * 40, device="auto",
                         backend="auto", precision="fp32", reader_threads=None, queue_depth=None, pin_memory=None)
     assert len(pickle.dumps(spec)) < 4000

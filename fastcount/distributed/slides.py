@@ -194,7 +194,7 @@ class _Run:
             array = self.client.scatter(sl.source, broadcast=True, hash=False)
         for r in unit_ranges(job, self.split):
             spec = UnitSpec(source=str(sl.source) if array is None else None, name=reader.name, level=job.level,
-                             cell=job.cell, batch_size=job.batch_size, first_batch=r.start,
+                             tile=job.plan.tile, grid=job.plan.grid, cell=job.cell, batch_size=job.batch_size, first_batch=r.start,
                              batches=tuple(tuple(job.batches[i]) for i in r), model=self.fp, device=o["device"],
                              backend=o["backend"], precision=o["precision"], reader_threads=o["workers"],
                              queue_depth=o["queue_depth"], pin_memory=o["pin_memory"])

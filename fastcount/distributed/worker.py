@@ -25,7 +25,7 @@ from ..io import load_model
 from ..slide.accumulator import TileSum
 from ..slide.engine import run_batches
 from ..slide.job import SlideJob
-from ..slide.plan import Tile
+from ..slide.plan import Tile, TilePlan
 from ..slide.prefetch import prefetch
 from ..slide.readers import open_reader
 
@@ -69,7 +69,7 @@ def _worker_backend(fp: str, dev: torch.device, backend: str, precision: str):
                 model = load_model(path, device=dev)
             fn = compile_backend(model, backend, precision, dev)
             # One unit at a time per compiled model: backends keep per-call buffers.
-            _BACKENDS[key] = (fn, getattr(fn, "name", backend), threading.Lock())
+            _BACKENDS[key] = (fn, getattr(fn, "name", backend), threading.Lock(), model.geometry)
         return _BACKENDS[key]
 
 
@@ -84,6 +84,8 @@ class UnitSpec:
     source: str | None  # path; None when the array comes as the task's second argument
     name: str
     level: int
+    tile: int  # the slide plan's tile side and grid (the engine crops each tile's map by them)
+    grid: tuple
     cell: int
     batch_size: int
     first_batch: int
@@ -159,12 +161,14 @@ def run_unit(spec: UnitSpec, array=None) -> UnitResult:
     """Count one unit on this worker (the task every unit runs)."""
     t0 = time.perf_counter()
     dev = resolve_device(spec.device)
-    fn, backend_name, lock = _worker_backend(spec.model, dev, spec.backend, spec.precision)
+    fn, backend_name, lock, geometry = _worker_backend(spec.model, dev, spec.backend, spec.precision)
     source = spec.source if array is None else array
     reader = open_reader(source, name=spec.name)
     try:
         # The unit's own job: its batches only, numbered from 0 (the recorder adds first_batch back).
-        job = SlideJob(level=spec.level, shape=tuple(reader.level_shapes[spec.level]), plan=None, kept=[],
+        shape = tuple(reader.level_shapes[spec.level])
+        plan = TilePlan(*shape, spec.tile, geometry, [t for b in spec.batches for t in b], tuple(spec.grid))
+        job = SlideJob(level=spec.level, shape=shape, plan=plan, kept=[],
                        batches=[list(b) for b in spec.batches], batch_size=spec.batch_size, cell=spec.cell,
                        thumbnail=None, thumbnail_filler=None, mask_info={})
         n_threads = spec.reader_threads or min(4, os.cpu_count() or 1)
