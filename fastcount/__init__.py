@@ -18,6 +18,15 @@ from .slide import SlideCount, count_slide
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # fastcount.data (datasets, annotation readers) loads on first use, so `import fastcount` stays fast.
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "CountCeption",
     "count_image",
