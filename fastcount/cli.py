@@ -18,7 +18,7 @@ from .ops import has_compiled_ops
 from .plots import plot_learning_curves
 from .slide import count_slide
 from .slide.plan import DEFAULT_TILE
-from .train import TrainConfig, evaluate, run_protocol, test_indices, train
+from .train import TrainConfig, evaluate, run_protocol, held_out_indices, train
 
 __all__ = ["main", "build_parser"]
 
@@ -217,9 +217,9 @@ def _evaluation_images(ds, meta: dict, test, seed: int):
     if "split" not in meta and "train_images" in meta:
         seen |= set(json.loads(meta["train_images"])) | set(json.loads(meta.get("val_images", "[]")))
     if test is None and split.get("test"):
-        idx, source = test_indices(ds, split["test"]), "the test split recorded in the weights"
+        idx, source = held_out_indices(ds, split["test"]), "the test split recorded in the weights"
     else:
-        idx = test_indices(ds, test, seed)
+        idx = held_out_indices(ds, test, seed)
         source = "the reference test set" if test is None else "the requested test images"
     if not idx:
         raise ValueError(f"no held-out test images: the weights record no test split and {ds.name!r} has no "

@@ -35,7 +35,7 @@ from .ops import make_targets, redundant_count
 from .devices import resolve_device
 from .files import atomic_path
 
-__all__ = ["TrainConfig", "TrainResult", "split_indices", "test_indices", "load_init_weights", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
+__all__ = ["TrainConfig", "TrainResult", "split_indices", "held_out_indices", "load_init_weights", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
 
 
 @dataclass
@@ -131,7 +131,7 @@ def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: 
     return pick(perm[:n_train]), pick(perm[n_train : n_train + n_val]), test
 
 
-def test_indices(dataset, test=None, seed: int = 0) -> list[int]:
+def held_out_indices(dataset, test=None, seed: int = 0) -> list[int]:
     """The held-out test images of ``dataset``: None = its reference test set (the last
     ``dataset.test_size``); an int K = K images drawn with ``seed`` (the same K for the same
     seed and dataset size); a list of image names = those images."""
@@ -371,7 +371,7 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     cfg.check()
     device = resolve_device(cfg.device)
     train_idx, val_idx, test_idx = split_indices(len(dataset), dataset.test_size, cfg.n_train, cfg.n_val, cfg.seed,
-                                                 test=test_indices(dataset, cfg.test, cfg.seed))
+                                                 test=held_out_indices(dataset, cfg.test, cfg.seed))
     split = {"train": train_idx, "val": val_idx, "test": test_idx}
     if checkpoint is None and out is not None:
         checkpoint = Path(str(out) + ".ckpt")
