@@ -163,12 +163,12 @@ def cmd_train(args):
 
     ds = _dataset(args)
     cfg = _config(args)
-    print(f"{ds}: training on {args.n_train}, validating on {args.n_val}, test: {_describe_test(cfg.test, ds)}")
+    print(f"{ds}: training on {args.n_train}, validating on {args.n_val}, test = {_describe_test(cfg.test, ds)}")
     res = train(ds, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
     test = evaluate(res.model, ds, res.split["test"], args.device)
     if test["n"]:
         print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
-              f"on {test['n']} held-out images; {res.seconds:.1f}s; weights -> {args.out}")
+              f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
     else:
         print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); no held-out test images "
               f"(pass --n-test K); {res.seconds:.1f}s; weights -> {args.out}")
@@ -205,7 +205,7 @@ def cmd_evaluate(args):
 
 def _describe_test(test, ds) -> str:
     if test is None:
-        return f"the last {ds.test_size} (reference test set)" if ds.test_size else "none (pass --n-test K)"
+        return f"last {ds.test_size}" if ds.test_size else "none (pass --n-test K)"
     return f"{test} images drawn with --seed" if isinstance(test, int) else f"{len(test)} named images"
 
 

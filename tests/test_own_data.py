@@ -182,8 +182,9 @@ def test_folder_training_reports_test_mae_and_evaluate_reproduces_it(tmp_path, c
     common = ["--dataset", "folder", "--data-root", str(root), "--device", "cpu"]
     assert main(["train", *common, "--n-train", "2", "--n-val", "1", "--n-test", "2", "--epochs", "1",
                  "--width", "0.0625", "--quiet", "--bf16-calibrate", "0", "--bn-recal", "2", "--out", str(out)]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "held-out images" in line
+    text = capsys.readouterr().out.strip().splitlines()
+    assert "test = 2 images drawn with --seed" in text[0] and "on 2 images" in text[-1]
+    line = text[-1]
     mae = float(line.split("test MAE ")[1].split()[0])
     meta = read_metadata(out)
     split = json.loads(meta["split"])
