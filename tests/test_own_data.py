@@ -147,6 +147,20 @@ def test_slide_regions_from_qupath_geojson(tmp_path, tiled_slide):
         load_slide_regions(path, gj, level=5)
 
 
+def test_train_on_slide_regions_from_the_command_line(tmp_path, tiled_slide, capsys):
+    path, _ = tiled_slide
+    gj = _write_geojson(tmp_path / "a.geojson", [_qupath_rect(0, 0, 64, 64), _qupath_rect(64, 64, 64, 64),
+                                                 _qupath_point(10, 10, "Cell"), _qupath_point(70, 70, "Cell")])
+    out = tmp_path / "w.safetensors"
+    assert main(["train", "--dataset", "slide", "--data-root", str(path), "--annotations", str(gj), "--level", "1",
+                 "--point-class", "Cell", "--n-train", "1", "--n-val", "1", "--epochs", "1", "--crop", "24",
+                 "--width", "0.0625", "--bn-recal", "1", "--batch-size", "1", "--quiet", "--bf16-calibrate", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "SlideRegionDataset(name='s', regions=2, level=1, dots=2)" in capsys.readouterr().out
+    split = json.loads(read_metadata(out)["split"])
+    assert sorted(split["train"] + split["val"]) == ["region000_x0_y0_L1", "region001_x32_y32_L1"]
+
+
 def _folder_dataset(root, n=6, size=48):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -224,7 +238,7 @@ def test_packaged_model_names(capsys):
         fastcount.io.packaged_weights_path("hne")
 
 
-def test_mbm_model_counts_slides_by_name():
+def test_mbm_model_counts_slides_by_name(tmp_path, capsys):
     path = fastcount.io.packaged_weights_path("mbm")
     if not path.is_file():
         pytest.skip(f"this installation lacks the packaged MBM model ({path})")
@@ -232,8 +246,21 @@ def test_mbm_model_counts_slides_by_name():
     assert meta["dataset"] == "mbm" and float(meta["test_mae"]) > 0 and meta["config"]["width"] == 0.5
     img = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
     res = fastcount.count_slide(img, model="mbm", mask=None, tile=64, device="cpu", backend="eager", progress=False)
-    ref = fastcount.count_image(img, fastcount.load_model("mbm"), device="cpu")
+    model = fastcount.load_model("mbm")
+    ref = fastcount.count_image(img, model, device="cpu")
     assert abs(res.total - ref) <= 1e-4 * max(1.0, abs(ref))
+    Image.fromarray(img).save(tmp_path / "im.png")
+    assert main(["count", str(tmp_path / "im.png"), "--weights", "mbm", "--mask", "none", "--backend", "eager",
+                 "--tile", "64", "--device", "cpu", "--quiet", "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["total"] - ref) <= 1e-4 * max(1.0, abs(ref))
+    # the test MAE the metadata and docs/accuracy.md record, on the 11 held-out (halved) MBM images
+    from conftest import DATASETS
+
+    ds = load_dataset("mbm", DATASETS, halve=True)
+    test = json.loads(meta["split"])["test"]
+    assert test == ds.names[-11:]
+    errs = [abs(fastcount.count_image(ds[i][0], model, device="cpu") - float(ds[i][1].sum())) for i in range(33, 44)]
+    assert abs(float(np.mean(errs)) - float(meta["test_mae"])) < 0.05, errs
 
 
 def test_import_fastcount_gives_data_lazily():
