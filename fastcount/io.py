@@ -24,7 +24,7 @@ DEFAULT_WEIGHTS = "default.safetensors"
 MODELS = {
     "vgg": {"file": DEFAULT_WEIGHTS, "data": "VGG cells (synthetic fluorescence), N=32",
             "stain": "fluorescence: bright cells on a dark background"},
-    "mbm": {"file": "mbm.safetensors", "data": "MBM bone marrow (H&E), N=15, images halved to 300x300",
+    "mbm": {"file": "mbm.safetensors", "data": "MBM bone marrow (H&E), N=15, fine-tuned from vgg, images halved to 300x300",
             "stain": "brightfield H&E bone-marrow nuclei, at the scale of the halved MBM images"},
 }
 
