@@ -390,6 +390,9 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     best_state = copy.deepcopy(model.state_dict())
     best_mae, best_epoch, start_epoch, history, elapsed = float("inf"), 0, 0, [], 0.0
     run_id = {k: v for k, v in vars(cfg).items() if k not in ("epochs", "device", "fft")}
+    for k in ("test", "init"):  # unset: the run id of a checkpoint written before these options existed
+        if run_id[k] is None:
+            del run_id[k]
     run_id["dataset"] = dataset.name
 
     if resume and checkpoint is not None and checkpoint.is_file():
