@@ -44,9 +44,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Many slides on a Dask cluster: dask is imported only when asked for.
+    # Loaded on first use, so `import fastcount` stays fast: fastcount.data (datasets, annotation
+    # readers), and count_slides / SlidesResult (they import dask).
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
     if name in ("count_slides", "SlidesResult"):
         from .distributed import SlidesResult, count_slides
 
         return {"count_slides": count_slides, "SlidesResult": SlidesResult}[name]
-    raise AttributeError(f"module 'fastcount' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 from . import __version__
-from .data import load_dataset, read_image
+from .data import load_dataset, load_slide_regions, read_image
 from .data.synth import write_synthetic_slide
 from .devices import resolve_device
 from .export import export_onnx
@@ -18,14 +19,20 @@ from .ops import has_compiled_ops
 from .plots import plot_learning_curves
 from .slide import count_slide
 from .slide.plan import DEFAULT_CPU_TILE, DEFAULT_TILE
-from .train import TrainConfig, evaluate, run_protocol, split_indices, train
+from .train import TrainConfig, evaluate, run_protocol, held_out_indices, train
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_data_args(p):
-    p.add_argument("--dataset", required=True, choices=["vgg_cells", "mbm", "folder"])
-    p.add_argument("--data-root", required=True, help="folder holding the dataset (or its parent)")
+    p.add_argument("--dataset", required=True, choices=["vgg_cells", "mbm", "folder", "slide"],
+                   help="slide: regions of one slide (--data-root SLIDE --annotations GEOJSON)")
+    p.add_argument("--data-root", required=True, help="folder holding the dataset (or its parent); --dataset slide: the slide")
+    p.add_argument("--annotations", default=None, metavar="GEOJSON",
+                   help="--dataset slide: QuPath GeoJSON with the points and the annotated regions (level-0 pixels)")
+    p.add_argument("--level", type=int, default=0, help="--dataset slide: pyramid level to read the regions at")
+    p.add_argument("--point-class", action="append", default=None, metavar="NAME",
+                   help="point annotations: keep only points of this class (repeatable)")
     p.add_argument("--red-threshold", type=float, default=100, help="R - max(G,B) for a red dot pixel (0..255)")
     p.add_argument("--no-halve", action="store_true", help="MBM: keep 600x600 (the paper halves to 300x300)")
 
@@ -48,6 +55,12 @@ def _add_train_args(p):
     p.add_argument("--bn-recal", type=int, default=32, metavar="N",
                    help="re-estimate BN statistics on N training crops before each validation")
     p.add_argument("--fft", action="store_true", help="large convs by FFT (faster training on CPU, same model)")
+    p.add_argument("--n-test", type=_count_arg, default=None, metavar="K",
+                   help="hold out K images (seeded by --seed) for testing; default: the dataset's reference test set")
+    p.add_argument("--test-images", default=None, metavar="A.png,B.png",
+                   help="hold out exactly these images (comma-separated names) for testing")
+    p.add_argument("--init", default=None, metavar="default|NAME|PATH",
+                   help="fine-tune: start from the packaged weights ('default', 'vgg', 'mbm') or a weights file")
 
 
 def _add_count_args(p, tile=None):
@@ -133,13 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights (.safetensors); default: the packaged weights")
 
     sub.add_parser("info", help="versions, compiled ops, devices")
+    sub.add_parser("models", help="the packaged models: training data, test MAE, intended stain")
     return ap
 
 
 def _dataset(args):
 
+    if args.dataset == "slide":
+        if args.annotations is None:
+            raise ValueError("--dataset slide needs --annotations GEOJSON (points and regions)")
+        return load_slide_regions(args.data_root, args.annotations, level=args.level, classes=args.point_class)
     halve = args.dataset == "mbm" and not args.no_halve
-    return load_dataset(args.dataset, args.data_root, halve=halve, red_threshold=args.red_threshold)
+    return load_dataset(args.dataset, args.data_root, halve=halve, red_threshold=args.red_threshold,
+                        classes=args.point_class)
+
+
+def _test_arg(args):
+    if args.n_test is not None and args.test_images:
+        raise ValueError("give --n-test K or --test-images NAMES, not both")
+    if args.test_images:
+        return [t.strip() for t in args.test_images.split(",") if t.strip()]
+    return args.n_test
 
 
 def _config(args):
@@ -147,24 +174,31 @@ def _config(args):
     return TrainConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, crop=args.crop, width=args.width,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, stride=args.stride,
                        augment=not args.no_augment, device=args.device, fft=args.fft,
-                       lr_schedule=args.lr_schedule, bn_recal=args.bn_recal)
+                       lr_schedule=args.lr_schedule, bn_recal=args.bn_recal, test=_test_arg(args), init=args.init)
 
 
 def cmd_train(args):
 
     ds = _dataset(args)
-    print(f"{ds}: training on {args.n_train}, validating on {args.n_val}, test = last {ds.test_size}")
-    res = train(ds, _config(args), out=args.out, resume=args.resume, progress=not args.quiet)
+    cfg = _config(args)
+    print(f"{ds}: training on {args.n_train}, validating on {args.n_val}, test = {_describe_test(cfg.test, ds)}")
+    res = train(ds, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
     test = evaluate(res.model, ds, res.split["test"], args.device)
-    print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
-          f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
+    if test["n"]:
+        print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); test MAE {test['mae']:.3f} "
+              f"on {test['n']} images; {res.seconds:.1f}s; weights -> {args.out}")
+    else:
+        print(f"best val MAE {res.best_val_mae:.3f} (epoch {res.best_epoch}); no held-out test images "
+              f"(pass --n-test K); {res.seconds:.1f}s; weights -> {args.out}")
+    best = load_model(args.out)
+    if test["n"]:  # the test MAE travels with the weights (fastcount models, evaluate)
+        best.metadata.update(test_mae=f"{test['mae']:.4f}", test_rmse=f"{test['rmse']:.4f}", test_n=str(test["n"]))
     if args.bf16_calibrate > 0:
 
-        best = load_model(args.out)
         names = res.split["train"][: args.bf16_calibrate]
         best.bf16_rounding = calibrate_bf16(best, [ds[i][0] for i in names], progress=not args.quiet)
-        save_model(best, args.out, metadata=best.metadata)
         print(f"bf16 rounding calibrated on {len(names)} training images -> {args.out}")
+    save_model(best, args.out, metadata=best.metadata)
     if args.plot:
         name = f"{ds.name} N={args.n_train} (test MAE {test['mae']:.2f})"
         print(f"learning curves -> {plot_learning_curves({name: res.history}, args.plot)}")
@@ -181,11 +215,38 @@ def cmd_evaluate(args):
 
     device = resolve_device(args.device)
     model = load_model(args.weights, device=device)
-    _, _, test_idx = split_indices(len(ds), ds.test_size, 0, 0, 0)
-    test_idx = test_idx or list(range(len(ds)))
+    test_idx, source = _evaluation_images(ds, model.metadata, _test_arg(args), args.seed)
     r = evaluate(model, ds, test_idx, device)
-    print(f"{ds.name}: test MAE {r['mae']:.3f}, RMSE {r['rmse']:.3f}, on {r['n']} images")
+    print(f"{ds.name}: test MAE {r['mae']:.3f}, RMSE {r['rmse']:.3f}, on {r['n']} images ({source})")
     return 0
+
+
+def _describe_test(test, ds) -> str:
+    if test is None:
+        return f"last {ds.test_size}" if ds.test_size else "none (pass --n-test K)"
+    return f"{test} images drawn with --seed" if isinstance(test, int) else f"{len(test)} named images"
+
+
+def _evaluation_images(ds, meta: dict, test, seed: int):
+    """The test images of ``ds`` for weights with metadata ``meta``: by default the split the
+    weights recorded; never an image they were trained or validated on."""
+    split = json.loads(meta["split"]) if "split" in meta else {}
+    seen = set(split.get("train", []) + split.get("val", []))
+    if "split" not in meta and "train_images" in meta:
+        seen |= set(json.loads(meta["train_images"])) | set(json.loads(meta.get("val_images", "[]")))
+    if test is None and split.get("test"):
+        idx, source = held_out_indices(ds, split["test"]), "the test split recorded in the weights"
+    else:
+        idx = held_out_indices(ds, test, seed)
+        source = "the reference test set" if test is None else "the requested test images"
+    if not idx:
+        raise ValueError(f"no held-out test images: the weights record no test split and {ds.name!r} has no "
+                         "reference test set; pass --n-test K or --test-images NAMES")
+    used = sorted(seen & {ds.names[i] for i in idx})
+    if used:
+        raise ValueError(f"{len(used)} of the test images were used to train or validate these weights "
+                         f"({', '.join(used[:5])}); choose other --n-test/--seed or --test-images")
+    return idx, source
 
 
 def _count_kwargs(args) -> dict:
@@ -299,11 +360,20 @@ def cmd_info(args):
     return 0
 
 
+def cmd_models(args):
+
+    for m in weights_io.packaged_models():
+        mae = f"test MAE {m['test_mae']:.2f}" if m["test_mae"] is not None else "test MAE not recorded"
+        state = m["path"] if m["installed"] else "not installed"
+        print(f"{m['name']:5s} {m['data']}; {mae}; for {m['stain']}\n      {state}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "count": cmd_count, "demo": cmd_demo,
-                "export": cmd_export, "info": cmd_info}[args.command](args)
+                "export": cmd_export, "info": cmd_info, "models": cmd_models}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"fastcount {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -14,15 +14,46 @@ from .inference.rounding import METADATA_KEY as ROUNDING_METADATA_KEY
 from .inference.rounding import Bf16Rounding, current_rounding
 from .model import CountCeption
 
-__all__ = ["save_model", "load_model", "default_weights_path", "read_metadata"]
+__all__ = ["save_model", "load_model", "default_weights_path", "read_metadata", "MODELS", "packaged_weights_path",
+           "packaged_models"]
 
 FORMAT = "fastcount.countception"
 DEFAULT_WEIGHTS = "default.safetensors"
+# The packaged models by name: file in fastcount/weights/, training data, intended images.
+# "vgg" is the default (``load_model()``); its file keeps the name default.safetensors.
+MODELS = {
+    "vgg": {"file": DEFAULT_WEIGHTS, "data": "VGG cells (synthetic fluorescence), N=32",
+            "stain": "fluorescence: bright cells on a dark background"},
+    "mbm": {"file": "mbm.safetensors", "data": "MBM bone marrow (H&E), N=15, fine-tuned from vgg, images halved to 300x300",
+            "stain": "brightfield H&E bone-marrow nuclei, at the scale of the halved MBM images"},
+}
 
 
 def default_weights_path() -> Path:
     """Where the packaged default weights live (they may not exist yet)."""
     return Path(str(resources.files("fastcount").joinpath("weights", DEFAULT_WEIGHTS)))
+
+
+def packaged_weights_path(name: str) -> Path:
+    """Where the packaged model ``name`` ("vgg", "mbm") lives (it may not be installed)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown packaged model {name!r}; packaged models: {sorted(MODELS)}")
+    return Path(str(resources.files("fastcount").joinpath("weights", MODELS[name]["file"])))
+
+
+def packaged_models() -> list[dict]:
+    """The packaged models: name, path, installed, training data, stain and test MAE (from the metadata)."""
+    out = []
+    for name, info in MODELS.items():
+        path = default_weights_path() if name == "vgg" else packaged_weights_path(name)
+        row = {"name": name, "path": str(path), "installed": path.is_file(), "data": info["data"],
+               "stain": info["stain"], "test_mae": None, "test_images": None}
+        if path.is_file():
+            meta = read_metadata(path)
+            row["test_mae"] = float(meta["test_mae"]) if "test_mae" in meta else None
+            row["test_images"] = meta.get("test_images")
+        out.append(row)
+    return out
 
 
 def save_model(model: CountCeption, path, metadata: dict | None = None) -> Path:
@@ -77,8 +108,17 @@ def _check_path(path) -> Path:
 def load_model(path=None, device="cpu") -> CountCeption:
     """Load a CountCeption from safetensors, in eval mode.
 
-    ``path=None`` loads the default weights packaged with fastcount.
+    ``path``: a weights file, a packaged model name (``"vgg"``, ``"mbm"``; see ``MODELS``),
+    or None for the default (``"vgg"``).
     """
+    if isinstance(path, str) and path in MODELS:
+        if path != "vgg":
+            named = packaged_weights_path(path)
+            if not named.is_file():
+                raise FileNotFoundError(f"the packaged model {path!r} is not installed (expected {named})")
+            path = named
+        else:
+            path = None
     if path is None:
         path = default_weights_path()
         if not path.is_file():

@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 
 from .inference import compile as compile_backend
 from .inference.fft import use_fft_convs
-from .io import save_model
+from .io import load_model, save_model
 from .model import CountCeption
 from .pixels import image_to_tensor
 from .ops import make_targets, redundant_count
 from .devices import resolve_device
 from .files import atomic_path
 
-__all__ = ["TrainConfig", "TrainResult", "split_indices", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
+__all__ = ["TrainConfig", "TrainResult", "split_indices", "held_out_indices", "load_init_weights", "recalibrate_bn", "init_head_from_targets", "train", "evaluate", "predict_counts", "run_protocol"]
 
 
 @dataclass
@@ -66,7 +66,20 @@ class TrainConfig:
     # mean count density (the "predicts half the count" phase of early training).
     head_init: bool = True
 
+    # Held-out test set: None = the dataset's reference test set (VGG last 100, MBM last 11,
+    # none for a folder); an int K = K images drawn with ``seed``; a list = those image names.
+    test: int | list | None = None
+    # Start from saved weights: "default" (the packaged VGG model), a packaged model name
+    # ("vgg", "mbm") or a weights path. Receptive field, stride and width must match.
+    init: str | None = None
+
     def check(self):
+        if self.test is not None and not (
+                (isinstance(self.test, int) and not isinstance(self.test, bool) and self.test >= 0)
+                or (isinstance(self.test, (list, tuple)) and all(isinstance(t, str) for t in self.test))):
+            raise ValueError(f"test must be None, an int >= 0 or a list of image names, got {self.test!r}")
+        if self.init is not None and not isinstance(self.init, str):
+            raise ValueError(f"init must be None, 'default', a model name or a weights path, got {self.init!r}")
         for name in ("n_train", "epochs", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -97,16 +110,44 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: int):
-    """Seeded random train/val split of the images before the held-out test set."""
-    pool = n_total - test_size
+def split_indices(n_total: int, test_size: int, n_train: int, n_val: int, seed: int, test=None):
+    """Seeded random train/val split of the images outside the held-out test set.
+
+    The test set is the last ``test_size`` images, or the indices ``test`` when given.
+    """
+    if test is None:
+        test = list(range(n_total - test_size, n_total))
+    test = sorted(int(i) for i in test)
+    held = set(test)
+    rest = [i for i in range(n_total) if i not in held]
+    pool = len(rest)
     if n_train + n_val > pool:
         raise ValueError(
             f"n_train + n_val = {n_train + n_val} exceeds the {pool} images outside the held-out test set "
-            f"({n_total} images, last {test_size} reserved for testing)"
+            f"({n_total} images, {len(test)} reserved for testing)"
         )
     perm = np.random.default_rng(seed).permutation(pool)
-    return sorted(perm[:n_train].tolist()), sorted(perm[n_train : n_train + n_val].tolist()), list(range(pool, n_total))
+    pick = lambda p: sorted(rest[i] for i in p.tolist())  # noqa: E731
+    return pick(perm[:n_train]), pick(perm[n_train : n_train + n_val]), test
+
+
+def held_out_indices(dataset, test=None, seed: int = 0) -> list[int]:
+    """The held-out test images of ``dataset``: None = its reference test set (the last
+    ``dataset.test_size``); an int K = K images drawn with ``seed`` (the same K for the same
+    seed and dataset size); a list of image names = those images."""
+    n = len(dataset)
+    if test is None:
+        return list(range(n - dataset.test_size, n))
+    if isinstance(test, int):
+        if not 0 <= test < n:
+            raise ValueError(f"n_test must be in [0, {n}) for a dataset of {n} images, got {test}")
+        # its own stream, so the test draw does not move with n_train / n_val
+        return sorted(np.random.default_rng([seed, 7919]).permutation(n)[:test].tolist())
+    where = {name: i for i, name in enumerate(dataset.names)}
+    missing = [t for t in test if t not in where]
+    if missing:
+        raise ValueError(f"test images not in the dataset: {missing[:5]} (it holds e.g. {dataset.names[:3]})")
+    return sorted(where[t] for t in test)
 
 
 def _to_tensor_image(img: np.ndarray) -> torch.Tensor:
@@ -296,6 +337,25 @@ def _load_checkpoint(path: Path):
 # --------------------------------------------------------------------------- training
 
 
+def load_init_weights(model: CountCeption, init: str) -> str:
+    """Copy the weights ``init`` names ("default", "vgg", "mbm" or a path) into ``model``.
+
+    The receptive field (patch size), stride and width must match; the error says which differ.
+    Returns ``init``.
+    """
+    src = load_model(None if init == "default" else init)  # load_model knows the packaged names
+    path = init
+    mine, theirs = model.config, src.config
+    diff = [f"{k} {theirs[k]} (init) vs {mine[k]} (this run)" for k in ("patch_size", "stride", "width", "in_channels")
+            if float(theirs[k]) != float(mine[k])]
+    if diff:
+        raise ValueError(f"init weights {path} do not fit this model: " + ", ".join(diff)
+                         + "; train with the same --width/--stride, or start from scratch")
+    model.load_state_dict(src.state_dict())
+    return str(path)
+
+
+
 def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=None, resume: bool = False,
           progress: bool = True, log=print, **overrides) -> TrainResult:
     """Train a CountCeption on ``dataset`` with the paper's protocol.
@@ -310,7 +370,8 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     cfg = _replace(config, overrides)
     cfg.check()
     device = resolve_device(cfg.device)
-    train_idx, val_idx, test_idx = split_indices(len(dataset), dataset.test_size, cfg.n_train, cfg.n_val, cfg.seed)
+    train_idx, val_idx, test_idx = split_indices(len(dataset), dataset.test_size, cfg.n_train, cfg.n_val, cfg.seed,
+                                                 test=held_out_indices(dataset, cfg.test, cfg.seed))
     split = {"train": train_idx, "val": val_idx, "test": test_idx}
     if checkpoint is None and out is not None:
         checkpoint = Path(str(out) + ".ckpt")
@@ -320,13 +381,18 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
     model = CountCeption(3, cfg.patch_size, cfg.stride, cfg.width).to(device)
     if cfg.fft:  # FFT for the large convs; parameters (and state-dict keys) are shared
         use_fft_convs(model)
-    if cfg.head_init:
+    if cfg.init is not None:
+        load_init_weights(model, cfg.init)
+    if cfg.head_init:  # also when fine-tuning: only the output scale moves to the new targets' density
         init_head_from_targets(model, [dataset[i][1] for i in train_idx])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     best_state = copy.deepcopy(model.state_dict())
     best_mae, best_epoch, start_epoch, history, elapsed = float("inf"), 0, 0, [], 0.0
     run_id = {k: v for k, v in vars(cfg).items() if k not in ("epochs", "device", "fft")}
+    for k in ("test", "init"):  # unset: the run id of a checkpoint written before these options existed
+        if run_id[k] is None:
+            del run_id[k]
     run_id["dataset"] = dataset.name
 
     if resume and checkpoint is not None and checkpoint.is_file():
@@ -392,7 +458,8 @@ def train(dataset, config: TrainConfig | None = None, *, out=None, checkpoint=No
         save_model(model, out, metadata={
             "dataset": dataset.name, "best_val_mae": best_mae, "best_epoch": best_epoch,
             "train_config": {k: v for k, v in vars(cfg).items()}, "split_seed": cfg.seed,
-            "train_images": [dataset.names[i] for i in train_idx]})
+            "train_images": [dataset.names[i] for i in train_idx],
+            "split": {k: [dataset.names[i] for i in v] for k, v in split.items()}})
     return result
 
 

@@ -12,13 +12,17 @@ Dot annotations are read from
   only without chroma subsampling (4:4:4); at quality >= 75 the default
   threshold recovers VGG's dots exactly (tested). With 4:2:0 subsampling a
   one-pixel dot is smeared below any usable threshold: save dot JPEGs 4:4:4;
-- point lists: CSV of ``row,col`` (a header line is allowed) or GeoJSON
-  Point features (x = col, y = row).
+- point lists: CSV with a header naming its columns (``x,y`` with x = column,
+  or ``row,col``; no header: ``row,col``) or QuPath GeoJSON Point/MultiPoint
+  features (x = col, y = row), optionally filtered by class. Coordinates are
+  continuous, pixel (x, y) covering [x, x+1) x [y, y+1) (``fastcount.data.points``).
+
+Layouts of a ``folder`` dataset: files side by side (``NAME.png`` with
+``NAME_dots.png``, ``NAME.csv``, ...), or sibling folders ``images/`` and
+``annotations/`` (or ``dots/``, ``labels/``) holding files with the same stems.
 """
 from __future__ import annotations
 
-import csv
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..pixels import read_image_file
+from .points import points_to_pixels, read_points
 
 __all__ = ["DotDataset", "load_dataset", "read_image", "read_dots", "TEST_SIZE", "DATASETS"]
 
@@ -82,7 +87,7 @@ def _redness(a: np.ndarray) -> np.ndarray:
     return a[..., 0] - np.maximum(a[..., 1], a[..., 2])
 
 
-def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD) -> np.ndarray:
+def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD, classes=None) -> np.ndarray:
     """A dot annotation file as an HxW int64 count map.
 
     Args:
@@ -91,6 +96,7 @@ def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD) ->
         red_threshold: minimum R - max(G, B) (0..255) for a red dot pixel; for
             grayscale JPEG dot images, the minimum value. Exact PNG/TIFF dots
             (255, 0, 0) or non-zero 1-bit pixels pass any threshold.
+        classes: point lists only: keep points of this class name (or names).
     """
     path = Path(path)
     if not path.is_file():
@@ -101,14 +107,16 @@ def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD) ->
     if ext in POINT_EXTS:
         if shape is None:
             raise ValueError(f"shape=(H, W) is needed to read the point list {path}")
-        pts = _read_points(path)
+        pts = read_points(path, classes)
+        pix = points_to_pixels(pts)
         dots = np.zeros(shape, dtype=np.int64)
-        if len(pts):
-            r, c = pts[:, 0], pts[:, 1]
+        if len(pix):
+            r, c = pix[:, 0], pix[:, 1]
             bad = (r < 0) | (r >= shape[0]) | (c < 0) | (c >= shape[1])
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"{path}: point {i} = (row {r[i]}, col {c[i]}) lies outside the image {tuple(shape)}")
+                raise ValueError(f"{path}: point {i} at (x {pts[i, 1]}, y {pts[i, 0]}) lies outside the image "
+                                 f"{tuple(shape)} (pixel (x, y) covers [x, x+1) x [y, y+1))")
             np.add.at(dots, (r, c), 1)
         return dots
     from PIL import Image, UnidentifiedImageError
@@ -125,35 +133,6 @@ def read_dots(path, shape=None, red_threshold: float = DEFAULT_RED_THRESHOLD) ->
     if a.ndim == 2:  # 1-bit or grayscale: a non-zero (lossy: bright) pixel is a dot
         return (a >= red_threshold if ext in LOSSY_EXTS else a > 0).astype(np.int64)
     return (_redness(a) >= red_threshold).astype(np.int64)
-
-
-def _read_points(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".csv":
-        rows = []
-        with open(path, newline="") as f:
-            for i, rec in enumerate(csv.reader(f)):
-                if not rec or not "".join(rec).strip():
-                    continue
-                try:
-                    rows.append((int(round(float(rec[0]))), int(round(float(rec[1])))))
-                except (ValueError, IndexError):
-                    if i == 0:
-                        continue  # header line
-                    raise ValueError(f"{path}:{i + 1}: expected 'row,col', got {rec!r}") from None
-        return np.array(rows, dtype=np.int64).reshape(-1, 2)
-    try:
-        gj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid GeoJSON: {e}") from e
-    feats = gj.get("features", [gj]) if isinstance(gj, dict) else gj
-    rows = []
-    for f in feats:
-        geom = f.get("geometry", f) if isinstance(f, dict) else None
-        if not geom or geom.get("type") not in ("Point", "MultiPoint"):
-            continue
-        coords = [geom["coordinates"]] if geom["type"] == "Point" else geom["coordinates"]
-        rows.extend((int(round(y)), int(round(x))) for x, y, *_ in coords)
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 def _halve(image: np.ndarray, dots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,33 +181,71 @@ def _pairs_mbm(root: Path):
 
 
 _DOT_SUFFIXES = ("_dots", "-dots", ".dots", "dots")
+# Sibling-folder layout: root/images/NAME.ext beside root/<one of these>/NAME.ext
+IMAGE_DIRS = ("images",)
+ANNOTATION_DIRS = ("annotations", "dots", "labels")
+
+
+def _by_stem(files) -> dict:
+    by_stem = {}
+    for p in files:
+        if p.suffix.lower() in IMAGE_EXTS + POINT_EXTS:
+            by_stem.setdefault(p.stem, []).append(p)
+    return by_stem
+
+
+def _annotation_for(img: Path, by_stem: dict, same_folder: bool) -> Path | None:
+    """The annotation of ``img``: ``<stem>{_dots,-dots,dots}.*`` or ``<stem>.<csv|geojson>``;
+    in an annotation folder also a plain ``<stem>.<image ext>``."""
+    cands = [q for s in _DOT_SUFFIXES for q in by_stem.get(img.stem + s, [])]
+    cands += [q for q in by_stem.get(img.stem, []) if q != img and (not same_folder or q.suffix.lower() in POINT_EXTS)]
+    if not cands and img.stem.endswith("cell"):
+        cands = by_stem.get(img.stem[: -len("cell")] + "dots", [])
+    return cands[0] if cands else None
+
+
+def _folder_layout(root: Path) -> tuple[Path, Path | None]:
+    """(image folder, annotation folder or None for side-by-side files)."""
+    img_dir = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
+    ann_dir = next((root / d for d in ANNOTATION_DIRS if (root / d).is_dir()), None)
+    if img_dir is not None and ann_dir is not None:
+        return img_dir, ann_dir
+    return root, None
+
+
+def _listing(folder: Path, limit: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return f"{folder}: " + (", ".join(names[:limit]) + more if names else "(empty)")
 
 
 def _pairs_folder(root: Path):
-    """Generic folder: ``<stem>.<img>`` with ``<stem>{_dots,-dots,dots}.<img|csv|geojson>``
-    or ``<stem>.<csv|geojson>``; any file whose stem ends in 'dots' is an annotation."""
-    files = sorted(p for p in root.iterdir() if p.is_file())
-    ann_ok = IMAGE_EXTS + POINT_EXTS
-    by_stem = {}
-    for p in files:
-        if p.suffix.lower() in ann_ok:
-            by_stem.setdefault(p.stem, []).append(p)
-    pairs = []
-    for p in files:
-        if p.suffix.lower() not in IMAGE_EXTS or p.stem.lower().endswith("dots"):
-            continue
-        cands = [q for s in _DOT_SUFFIXES for q in by_stem.get(p.stem + s, [])]
-        cands += [q for q in by_stem.get(p.stem, []) if q.suffix.lower() in POINT_EXTS]
-        if not cands and p.stem.endswith("cell"):
-            cands = by_stem.get(p.stem[: -len("cell")] + "dots", [])
-        if not cands:
-            raise ValueError(f"no dot annotation found for image {p} (expected e.g. {p.stem}_dots.png or {p.stem}.csv)")
-        pairs.append((p, cands[0]))
+    """Generic folder (see the module docstring for the layouts); any image whose stem ends
+    in 'dots' is an annotation, not an image."""
+    img_dir, ann_dir = _folder_layout(root)
+    images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if ann_dir is None:
+        images = [p for p in images if not p.stem.lower().endswith("dots")]
+        by_stem = _by_stem(p for p in root.iterdir() if p.is_file())
+    else:
+        by_stem = _by_stem(p for p in ann_dir.iterdir() if p.is_file())
+    pairs, unmatched = [], []
+    for p in images:
+        ann = _annotation_for(p, by_stem, same_folder=ann_dir is None)
+        (pairs.append((p, ann)) if ann is not None else unmatched.append(p.name))
+    if unmatched or not images:
+        where = [_listing(img_dir)] + ([_listing(ann_dir)] if ann_dir is not None else [])
+        what = (f"no dot annotation found for {len(unmatched)} of {len(images)} images "
+                f"({', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''})" if images
+                else "no images found")
+        raise ValueError(
+            f"{what}. Expected NAME.png with NAME_dots.png, NAME.csv or NAME.geojson beside it, or folders "
+            f"images/ and annotations/ (or dots/, labels/) with matching names. Found: " + "; ".join(where))
     return pairs
 
 
 def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: float = DEFAULT_RED_THRESHOLD,
-                 limit: int | None = None) -> DotDataset:
+                 limit: int | None = None, classes=None) -> DotDataset:
     """Load a dot-annotated dataset.
 
     Args:
@@ -238,6 +255,7 @@ def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: f
             600 -> 300). Default: off; ``fastcount train`` turns it on for MBM.
         red_threshold: see ``read_dots``.
         limit: load only the first ``limit`` pairs (sorted order).
+        classes: point-list annotations: keep only points of this class (or classes).
     """
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
@@ -252,7 +270,7 @@ def load_dataset(name: str, root, *, halve: bool | None = None, red_threshold: f
         if not dot_path.is_file():
             raise FileNotFoundError(f"dot annotation {dot_path} for image {img_path} not found")
         img = read_image(img_path)
-        d = read_dots(dot_path, img.shape[:2], red_threshold=red_threshold)
+        d = read_dots(dot_path, img.shape[:2], red_threshold=red_threshold, classes=classes)
         if halve:
             img, d = _halve(img, d)
         images.append(img)
