@@ -8,7 +8,7 @@ import torch
 
 from .devices import resolve_device
 from .io import load_model
-from .localise import locate
+from .localise import LocateParams, locate
 from .model import CountCeption
 from .ops import redundant_count
 from .pixels import image_to_tensor
@@ -53,5 +53,6 @@ def count_image(image, model=None, device="auto", points: bool = False):
         model.train(was_training)
     count = float(redundant_count(cmap, model.patch_size, model.stride).sum())
     if points:
-        return count, locate(cmap, patch_size=model.patch_size, stride=model.stride, total=count)
+        return count, locate(cmap, patch_size=model.patch_size, stride=model.stride, total=count, image=x,
+                             params=LocateParams.of(model))
     return count

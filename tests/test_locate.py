@@ -3,18 +3,20 @@ import csv
 import json
 
 import numpy as np
+import scipy.ndimage
 import pytest
 import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from shapely.geometry import Point, shape
 
+import fastcount
 from conftest import SLIDES, gpu
 from fastcount import Points, count_image, count_slide, locate, make_targets_from_points
 from fastcount.cli import main
 from fastcount.geometry import Geometry
 from fastcount.io import save_model
-from fastcount.localise import Locator, _largest_remainder
+from fastcount.localise import LocateParams, Locator, _largest_remainder
 from fastcount.slide import SlideCount
 from test_slide_exact import tiny_model
 
@@ -131,6 +133,60 @@ def test_count_image_points_are_locate_of_its_count_map():
         ref = locate(model(torch.from_numpy(img).permute(2, 0, 1)[None].float()), total=n)
     assert isinstance(pts, Points) and len(pts) == max(0, round(n))
     np.testing.assert_array_equal(pts.coords, ref.coords)
+
+
+def test_guided_count_image_reads_the_models_params_and_uses_the_image(tmp_path):
+    # Params stored in the weights travel with the model: count_image locates with the image guide, and
+    # the guide moves points onto the image's blobs (here: dark discs the count map only roughly sees).
+    model = tiny_model(1, 0)
+    params = LocateParams(eps=1e-4, smooth=3.0, guide="dark", guide_sigma=3.0)
+    path = save_model(model, tmp_path / "m.safetensors", metadata={"locate": params.to_json()})
+    loaded = fastcount.load_model(path)
+    assert LocateParams.of(loaded) == params and LocateParams.of(model) == LocateParams()
+    img = np.random.default_rng(3).integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    n, pts = count_image(img, loaded, device="cpu", points=True)
+    with torch.inference_mode():
+        cm = loaded(torch.from_numpy(img).permute(2, 0, 1)[None].float())
+    ref = locate(cm, total=n, image=img, params=params)
+    np.testing.assert_array_equal(pts.coords, ref.coords)
+    assert len(pts) == max(0, round(n))
+    # a noisy count map of 6 dark discs: the guide lands on the discs' centres
+    rng = np.random.default_rng(0)
+    dots = spread_dots(rng, 90, 90, 6, 25)
+    yy, xx = np.mgrid[:90, :90]
+    img = np.full((90, 90, 3), 220, np.uint8)
+    for y, x in dots:
+        img[(yy - y) ** 2 + (xx - x) ** 2 <= 16] = 40
+    F = make_targets_from_points(dots, (90, 90), 32, 1).double()
+    F = F + torch.from_numpy(np.random.default_rng(1).normal(0, 0.02, F.shape))
+    F = torch.from_numpy(scipy.ndimage.uniform_filter(F.numpy(), 7))  # a blurred map
+    plain, guided = locate(F, total=6), locate(F, total=6, image=img, params=LocateParams(smooth=2.0, guide="dark",
+                                                                                         guide_sigma=2.5))
+    assert len(guided) == len(plain) == 6
+    assert matched_distances(guided.coords, dots).max() <= 1.0
+    assert matched_distances(guided.coords, dots).mean() < matched_distances(plain.coords, dots).mean()
+
+
+def test_locate_params_are_checked():
+    with pytest.raises(ValueError, match="guide must be"):
+        LocateParams(guide="grey")
+    with pytest.raises(ValueError, match="eps"):
+        LocateParams(eps=0)
+    with pytest.raises(ValueError, match="smooth"):
+        LocateParams(smooth=-1)
+    with pytest.raises(ValueError, match="reaches further"):
+        locate(torch.zeros(40, 40), image=np.zeros((8, 8, 3), np.uint8),
+               params=LocateParams(guide="dark", guide_sigma=8.0))
+    with pytest.raises(ValueError, match="pass image="):
+        locate(torch.zeros(40, 40), params=LocateParams(guide="dark"))
+    with pytest.raises(ValueError, match="image of 9x8"):
+        locate(torch.zeros(40, 40), image=np.zeros((9, 8, 3), np.uint8))
+    with pytest.raises(TypeError, match="params"):
+        locate(torch.zeros(40, 40), params={"guide": "dark"})
+    bad = tiny_model(1, 0).__class__()
+    bad.metadata = {"locate": '{"guide": "grey"}'}
+    with pytest.raises(ValueError, match="not valid LocateParams"):
+        LocateParams.of(bad)
 
 
 # --------------------------------------------------------------------------- SlideCount exports

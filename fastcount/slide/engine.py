@@ -33,6 +33,7 @@ from ..devices import resolve_device
 from ..inference import DEFAULT_BACKEND
 from ..inference import compile as compile_backend
 from ..inference.memory import release as release_pool
+from ..localise import LocateParams
 from ..model import CountCeption
 from ..system import peak_rss_mb, reset_peak_rss
 from .accumulator import Accumulator, TileSum, reduce_tile
@@ -48,7 +49,8 @@ from .result import SlideCount
 __all__ = ["count_slide", "run_batches", "TileConsumer"]
 
 # Called with each tile and its float64 count-map crop (on the compute device) as it is computed.
-TileConsumer = Callable[[Tile, torch.Tensor], None]
+# (tile, its float64 crop of the count map, its input pixels (C, h, w) as read)
+TileConsumer = Callable[[Tile, torch.Tensor, torch.Tensor], None]
 
 
 @torch.inference_mode()
@@ -124,7 +126,7 @@ def count_slide(source, model=None, *, level=0, mpp=None, tile=None, batch_size=
         depth = queue_depth or n_workers + 1
         pin = (dev.type == "cuda") if pin_memory is None else bool(pin_memory)
         todo = acc.pending()
-        located = SlidePoints(job.shape, model.geometry, job.kept) if points else None
+        located = SlidePoints(job.shape, model.geometry, job.kept, LocateParams.of(model)) if points else None
         with tqdm(total=sum(len(job.batches[i]) for i in todo), unit="tile", disable=not progress,
                   desc=f"count {_short_name(reader)}", dynamic_ncols=True, leave=False) as bar:
             reads = prefetch(reader, job.level, job.batches, todo, workers=n_workers, depth=depth, pin=pin,
@@ -194,9 +196,9 @@ def _count_batch(fn, job: SlideJob, acc: Accumulator, bi: int, x_dev: torch.Tens
     x = x_dev.permute(0, 3, 1, 2).to(torch.float32).contiguous()
     results: list[TileSum] = []
     pieces = tile_maps(fn, x, job.batches[bi], job.shape, job.plan.geometry)
-    for t, piece in zip(job.batches[bi], pieces):
+    for k, (t, piece) in enumerate(zip(job.batches[bi], pieces)):
         for consume in consumers:
-            consume(t, piece)
+            consume(t, piece, x[k])
         results.append(reduce_tile(t, piece, job.cell))
     seconds = time.perf_counter() - t0
     acc.add(bi, results)
