@@ -4,7 +4,8 @@ On the VGG test set (last 100 images, 5 px) and the MBM test set (last 11,
 halved as in the paper's protocol, 6 px), with one-to-one (Hungarian)
 matching of predicted to annotated points within the radius:
 
-- ``fastcount``: ``locate`` on the model's count map (the default options).
+- ``fastcount``: ``locate`` on the model's count map with the model's own
+  ``LocateParams`` (from its weights; the MBM model's use the image as a guide).
 - ``RL 200 + maxima``: plain Richardson-Lucy (200 iterations, whole image) on
   the count map, then the ``round(count)`` highest local maxima.
 - ``LoG, true count``: Laplacian-of-Gaussian blobs of the image itself, the
@@ -15,6 +16,13 @@ Cost: seconds per megapixel of the count (the ``cpu`` backend) and of
 at the default tile with and without ``points=True`` (same run, same load).
 
     nice -n 10 python benchmarks/locate_report.py --data-root ../shared/datasets [--limit 12] [--json out.json]
+    python benchmarks/locate_report.py --data-root ../shared/datasets --weights mbm --datasets mbm --slide-side 0
+
+``--tune`` instead chooses the model's ``LocateParams`` on its validation images
+(the weights' recorded split; never the test images) by F1 over a small grid,
+prints the best, and with ``--save`` writes them into the weights' metadata:
+
+    python benchmarks/locate_report.py --data-root ../shared/datasets --weights mbm --datasets mbm --tune --save
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from scipy.optimize import linear_sum_assignment
 import fastcount
 from fastcount.data import load_dataset
 from fastcount.inference import compile as compile_backend
+from fastcount.localise import LocateParams
 from fastcount.system import cpu_flags
 
 # dataset -> (test images, matching radius px, halve, LoG sigma px, cells are dark on a light background)
@@ -106,6 +115,7 @@ def log_baseline(image: np.ndarray, n: int, sigma: float, dark: bool) -> np.ndar
 
 def evaluate(name: str, root: str, model, fn, limit: int | None) -> dict:
     n_test, radius, halve, sigma, dark = SETS[name]
+    params = LocateParams.of(model)
     ds = load_dataset(name, root, halve=halve)
     idx = list(range(len(ds) - n_test, len(ds)))[: limit or n_test]
     g = model.geometry
@@ -120,7 +130,7 @@ def evaluate(name: str, root: str, model, fn, limit: int | None) -> dict:
         with torch.inference_mode():
             cm = fn(x)
         t1 = time.perf_counter()
-        pts = fastcount.locate(cm, patch_size=g.r, stride=g.stride)
+        pts = fastcount.locate(cm, patch_size=g.r, stride=g.stride, image=img, params=params)
         t2 = time.perf_counter()
         t_count += t1 - t0
         t_locate += t2 - t1
@@ -135,10 +145,52 @@ def evaluate(name: str, root: str, model, fn, limit: int | None) -> dict:
         pr, rc = tp / max(p, 1), tp / max(a, 1)
         rows[k] = {"precision": pr, "recall": rc, "f1": 2 * pr * rc / max(pr + rc, 1e-12)}
     c = np.array(counts)
-    return {"dataset": name, "images": len(idx), "radius_px": radius, "halved": halve, "log_sigma": sigma,
+    return {"dataset": name, "images": len(idx), "locate_params": params.to_json(), "radius_px": radius, "halved": halve, "log_sigma": sigma,
             "rows": rows, "count_mae": float(np.abs(c[:, 0] - c[:, 1]).mean()),
             "points_equal_round_count": bool((np.round(c[:, 0]).clip(0) == c[:, 2]).all()),
             "count_s_per_mpx": t_count / mpx, "locate_s_per_mpx": t_locate / mpx}
+
+
+def validation_images(name: str, root: str, model):
+    """(image, count map input, true points) of the model's validation images (its recorded split)."""
+    meta = model.metadata or {}
+    if "split" in meta:
+        names = set(json.loads(meta["split"])["val"])
+    elif "val_images" in meta:
+        names = set(json.loads(meta["val_images"]))
+    else:
+        raise SystemExit("--tune needs weights that record their validation images (split / val_images)")
+    ds = load_dataset(name, root, halve=SETS[name][2])
+    return [ds[i] for i, n in enumerate(ds.names) if str(n) in names]
+
+
+def tune_grid(dark: bool) -> list[LocateParams]:
+    polarity = "dark" if dark else "bright"
+    grid = [LocateParams(eps=e, smooth=sm) for e in (1e-4, 3e-4, 1e-3) for sm in (0.0, 1.0, 2.0)]
+    grid += [LocateParams(eps=e, smooth=sm, guide=polarity, guide_sigma=sg)
+             for e in (1e-4, 1e-3) for sm in (1.0, 2.0, 3.0) for sg in (1.5, 2.0, 3.0, 4.0, 5.0)]
+    return grid
+
+
+def tune(name: str, root: str, model, fn) -> tuple[LocateParams, list]:
+    """The grid's LocateParams with the best F1 on the validation images (ties: the earlier, simpler one)."""
+    _, radius, _, _, dark = SETS[name]
+    g = model.geometry
+    data = []
+    for img, dots in validation_images(name, root, model):
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        with torch.inference_mode():
+            data.append((img, fn(x), dots_to_points(dots)))
+    rows = []
+    for p in tune_grid(dark):
+        t = np.zeros(3, np.int64)
+        for img, cm, true in data:
+            t += prf(fastcount.locate(cm, patch_size=g.r, stride=g.stride, image=img, params=p).coords, true, radius)
+        pr, rc = t[0] / max(t[1], 1), t[0] / max(t[2], 1)
+        rows.append((2 * pr * rc / max(pr + rc, 1e-12), p))
+        print(f"{rows[-1][0]:.4f}  {p}", flush=True)
+    best = max(rows, key=lambda r: r[0])  # max keeps the first of equal F1s
+    return best[1], rows
 
 
 def slide_cost(model, side: int) -> dict:
@@ -180,10 +232,24 @@ def main(argv=None):
     ap.add_argument("--datasets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--slide-side", type=int, default=2048, help="synthetic slide side for the cost run (0: skip)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tune", action="store_true", help="choose LocateParams on the validation images instead")
+    ap.add_argument("--save", action="store_true", help="with --tune: write the best into the weights' metadata")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model = fastcount.load_model(args.weights).eval()
     fn = compile_backend(model, "cpu", "fp32", torch.device("cpu"))
+    if args.tune:
+        best, _ = tune(args.datasets[0], args.data_root, model, fn)
+        print(f"best on {len(validation_images(args.datasets[0], args.data_root, model))} validation images: {best}")
+        if args.save:
+            from fastcount.io import MODELS, default_weights_path, packaged_weights_path, save_model
+            from fastcount.localise import METADATA_KEY
+
+            w = args.weights
+            path = packaged_weights_path(w) if w in MODELS else (w or default_weights_path())
+            save_model(model, path, metadata={**model.metadata, METADATA_KEY: best.to_json()})
+            print(f"wrote {METADATA_KEY}={best.to_json()} into {path}")
+        return
     results = [evaluate(d, args.data_root, model, fn, args.limit) for d in args.datasets]
     cost = slide_cost(model, args.slide_side) if args.slide_side else None
     print(table(results))

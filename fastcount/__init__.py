@@ -16,7 +16,7 @@ from . import geometry
 from .api import count_image
 from .export import export_onnx
 from .io import load_model, save_model
-from .localise import Points, locate
+from .localise import LocateParams, Points, locate
 from .model import CountCeption
 from .ops import make_targets, make_targets_from_points, redundant_count
 from .slide import SlideCount, count_slide
@@ -33,6 +33,7 @@ __all__ = [
     "load_model",
     "locate",
     "Points",
+    "LocateParams",
     "make_targets",
     "make_targets_from_points",
     "redundant_count",

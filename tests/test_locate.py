@@ -277,3 +277,10 @@ def test_locate_on_cuda_matches_the_cpu():
     cpu, cuda = locate(F, block=48), locate(F.cuda(), block=48)
     assert len(cpu) == len(cuda)
     np.testing.assert_allclose(cuda.coords, cpu.coords, atol=1e-6)
+
+
+def test_packaged_models_carry_their_locate_params():
+    # README: the VGG model locates from the count map alone, the MBM model with the image as a guide.
+    assert LocateParams.of(fastcount.load_model("vgg")) == LocateParams()
+    mbm = LocateParams.of(fastcount.load_model("mbm"))
+    assert mbm.guide == "dark" and mbm.smooth > 0
