@@ -44,6 +44,7 @@ from fastcount.system import cpu_flags
 
 # dataset -> (test images, matching radius px, halve, LoG sigma px, cells are dark on a light background)
 SETS = {"vgg_cells": (100, 5.0, False, 2.0, False), "mbm": (11, 6.0, True, 4.0, True)}
+DEFAULT_WEIGHTS = {"vgg_cells": "vgg", "mbm": "mbm"}  # each dataset's packaged model
 
 
 def prf(pred: np.ndarray, true: np.ndarray, radius: float) -> tuple[int, int, int]:
@@ -227,7 +228,8 @@ def table(results) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", required=True)
-    ap.add_argument("--weights", default=None, help="weights (default: the packaged default weights)")
+    ap.add_argument("--weights", default=None,
+                    help="weights for every dataset (default: each dataset's packaged model, vgg / mbm)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N test images of each set")
     ap.add_argument("--datasets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--slide-side", type=int, default=2048, help="synthetic slide side for the cost run (0: skip)")
@@ -236,31 +238,40 @@ def main(argv=None):
     ap.add_argument("--save", action="store_true", help="with --tune: write the best into the weights' metadata")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model = fastcount.load_model(args.weights).eval()
-    fn = compile_backend(model, "cpu", "fp32", torch.device("cpu"))
+    def weights_for(dataset):
+        return args.weights or DEFAULT_WEIGHTS[dataset]
+
     if args.tune:
+        model = fastcount.load_model(weights_for(args.datasets[0])).eval()
+        fn = compile_backend(model, "cpu", "fp32", torch.device("cpu"))
         best, _ = tune(args.datasets[0], args.data_root, model, fn)
         print(f"best on {len(validation_images(args.datasets[0], args.data_root, model))} validation images: {best}")
         if args.save:
             from fastcount.io import MODELS, default_weights_path, packaged_weights_path, save_model
             from fastcount.localise import METADATA_KEY
 
-            w = args.weights
+            w = weights_for(args.datasets[0])
             path = packaged_weights_path(w) if w in MODELS else (w or default_weights_path())
             save_model(model, path, metadata={**model.metadata, METADATA_KEY: best.to_json()})
             print(f"wrote {METADATA_KEY}={best.to_json()} into {path}")
         return
-    results = [evaluate(d, args.data_root, model, fn, args.limit) for d in args.datasets]
-    cost = slide_cost(model, args.slide_side) if args.slide_side else None
+    results = []
+    for d in args.datasets:
+        m = fastcount.load_model(weights_for(d)).eval()
+        results.append(evaluate(d, args.data_root, m, compile_backend(m, "cpu", "fp32", torch.device("cpu")), args.limit))
+        results[-1]["weights"] = weights_for(d)
+    # the points' cost for each model used (the mbm model's include the image guide)
+    cost = {weights_for(d): slide_cost(fastcount.load_model(weights_for(d)).eval(), args.slide_side)
+            for d in args.datasets} if args.slide_side else {}
     print(table(results))
     for r in results:
         print(f"{r['dataset']}: count MAE {r['count_mae']:.2f}; points == round(count) on every image: "
               f"{r['points_equal_round_count']}; count {r['count_s_per_mpx']:.2f} s/Mpx, "
               f"locate {r['locate_s_per_mpx']:.2f} s/Mpx ({r['locate_s_per_mpx'] / r['count_s_per_mpx']:.0%})")
-    if cost:
-        print(f"count_slide {cost['megapixels']:.1f} Mpx, tile {cost['tile']}: {cost['count_only']:.1f} s count only, "
-              f"{cost['with_points']:.1f} s with points (x{cost['ratio']:.2f}; locate {cost['locate_seconds']:.1f} s)")
-    meta = {"weights": args.weights or str(fastcount.io.default_weights_path()), "torch": torch.__version__,
+    for w, c in cost.items():
+        print(f"count_slide {c['megapixels']:.1f} Mpx, tile {c['tile']}, weights {w}: {c['count_only']:.1f} s count "
+              f"only, {c['with_points']:.1f} s with points (x{c['ratio']:.2f}; locate {c['locate_seconds']:.1f} s)")
+    meta = {"weights": {r["dataset"]: r["weights"] for r in results}, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))),
             "load": open("/proc/loadavg").read().split()[:3] if platform.system() == "Linux" else None}

@@ -220,3 +220,10 @@ def test_count_slide_guided_points_equal_whole_image_points(c):
     ref = guided_reference(cmk, img, g, params, res.total, guide_coverage(img.shape[:2], kept, g, params))
     assert len(res.points) == len(ref) == max(0, round(res.total))
     same_points(res.points[:, ::-1] - 0.5, ref.coords, 0.01)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=fed_cases())
+def test_guided_tiles_give_the_whole_image_points_many(c):
+    test_guided_tiles_give_the_whole_image_points.hypothesis.inner_test(c)

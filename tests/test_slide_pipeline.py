@@ -62,11 +62,18 @@ def test_split_schedule_merged_equals_one_run(model, image):
 def test_consumers_see_every_tile_crop(model, image):
     reader, job = _job(model, image, batch_size=3)
     fn = compile_backend(model, "eager", "fp32", CPU)
-    seen = {}
-    acc = _count(job, reader, fn, range(len(job.batches)),
-                 consumers=[lambda t, piece: seen.setdefault(t.index, piece.clone())])
+    seen, pixels = {}, {}
+
+    def consume(t, piece, px):
+        seen.setdefault(t.index, piece.clone())
+        pixels.setdefault(t.index, px.clone())
+
+    acc = _count(job, reader, fn, range(len(job.batches)), consumers=[consume])
     assert sorted(seen) == [t.index for t in job.kept]
+    whole = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     for t in job.kept:
+        # each consumer also gets the tile's input pixels, exactly as read
+        torch.testing.assert_close(pixels[t.index], whole[:, t.iy0 : t.iy1, t.ix0 : t.ix1], rtol=0, atol=0)
         assert seen[t.index].dtype == torch.float64
         assert seen[t.index].shape == (t.cy1 - t.cy0, t.cx1 - t.cx0)
         assert float(seen[t.index].sum()) == acc.sums[t.index]
