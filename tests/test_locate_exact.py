@@ -50,13 +50,9 @@ def fed_cases(draw):
                 seed=draw(st.integers(0, 10**6)), order=draw(st.sampled_from(["raster", "reversed", "shuffled"])))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(c=fed_cases())
-def test_tiles_in_any_order_give_the_whole_map_points(c):
-    # The consumer fed the tiles of one count map (any plan, order, mask) finds exactly the points of
-    # locate() on that map with the skipped tiles zeroed: window assembly, ownership, seams, masks.
-    rng = np.random.default_rng(c["seed"])
-    g = Geometry(32, c["stride"])
+def noisy_case(rng, c, g):
+    """A noisy box-sum count map of random dots, a random mask (if the case asks), the kept tiles,
+    the map with the skipped tiles zeroed and its count."""
     h, w = c["h"], c["w"]
     n = int(rng.integers(0, 1 + h * w // 100))
     dots = np.stack([rng.integers(0, h, n), rng.integers(0, w, n)], 1)
@@ -65,9 +61,19 @@ def test_tiles_in_any_order_give_the_whole_map_points(c):
     F = F.float().double()  # backends' count maps are float32 (the consumer keeps them so)
     mask = (rng.random((h, w)) < 0.02) if c["masked"] else None
     kept = keep_mask((h, w), c["tile"], g, mask)
-    keep = kept_count_map(SimpleNamespace(geometry=g), (h, w), c["tile"], mask)
-    Fk = F * keep
-    total = float(Fk.sum()) / g.redundancy
+    Fk = F * kept_count_map(SimpleNamespace(geometry=g), (h, w), c["tile"], mask)
+    return F, mask, kept, Fk, float(Fk.sum()) / g.redundancy
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=fed_cases())
+def test_tiles_in_any_order_give_the_whole_map_points(c):
+    # The consumer fed the tiles of one count map (any plan, order, mask) finds exactly the points of
+    # locate() on that map with the skipped tiles zeroed: window assembly, ownership, seams, masks.
+    rng = np.random.default_rng(c["seed"])
+    g = Geometry(32, c["stride"])
+    h, w = c["h"], c["w"]
+    F, mask, kept, Fk, total = noisy_case(rng, c, g)
     opts = dict(block=c["block"], halo=c["halo"], iterations=8)
     ref = locate(Fk, patch_size=32, stride=c["stride"], total=total, **opts)
 
@@ -169,14 +175,7 @@ def test_guided_tiles_give_the_whole_image_points(c):
     h, w = c["h"], c["w"]
     params = random_params(rng, g)
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    n = int(rng.integers(0, 1 + h * w // 100))
-    dots = np.stack([rng.integers(0, h, n), rng.integers(0, w, n)], 1)
-    F = make_targets_from_points(dots, (h, w), 32, c["stride"]).double()
-    F = (F + torch.from_numpy(rng.normal(0, 0.05, F.shape))).float().double()
-    mask = (rng.random((h, w)) < 0.02) if c["masked"] else None
-    kept = keep_mask((h, w), c["tile"], g, mask)
-    Fk = F * kept_count_map(SimpleNamespace(geometry=g), (h, w), c["tile"], mask)
-    total = float(Fk.sum()) / g.redundancy
+    F, mask, kept, Fk, total = noisy_case(rng, c, g)
     opts = dict(block=c["block"], halo=c["halo"])
     cov = guide_coverage((h, w), kept, g, params)
     if mask is None:  # the tile halo covers the guide's reach: every cell is determined
