@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .geometry import PADDED_CONVS, Geometry
+from .pixels import image_to_tensor
 
 __all__ = ["locate", "Points", "Locator", "LocateParams", "BlockCandidates", "DEFAULT_BLOCK", "DEFAULT_ITERATIONS",
            "guide_cells"]
@@ -511,8 +512,6 @@ def locate(count_map, *, patch_size: int = 32, stride: int = 1, block: int = DEF
     params = LocateParams() if params is None else params
     pixels = None
     if image is not None:
-        from .pixels import image_to_tensor
-
         pixels = image_to_tensor(image, 3)
         if pixels.shape[0] != 1:
             raise ValueError(f"image must be one image, got a batch of {pixels.shape[0]}")
