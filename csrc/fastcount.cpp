@@ -33,6 +33,10 @@ TORCH_LIBRARY(fastcount, m) {
         {at::Tag::pt2_compliant_tag});
   // FFT overlap-save output pass (CPU only): (P, O, t, t) irfft2 tiles -> NHWC (N, height, width, O),
   // each tile's b x b corner cropped into place with the LeakyReLU.
+  // Fused 1x1 conv stack (CPU only): x (P, C) float32 pixels -> (P, O_last), each layer
+  // z = leaky_relu(z @ w.T + b, slope) with every intermediate kept in cache.
+  m.def("pointwise_mlp(Tensor x, Tensor[] weights, Tensor[] biases, float[] slopes) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("crop_tiles(Tensor tiles, int n, int ny, int nx, int b, int height, int width, float slope) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }

@@ -96,6 +96,11 @@ def _register_fake_kernels() -> None:
         torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
         return x.new_empty((x.shape[3], x.shape[0] * ny * nx, t, t), dtype=torch.float32)
 
+    @torch.library.register_fake("fastcount::pointwise_mlp")
+    def _pointwise_mlp_fake(x, weights, biases, slopes):
+        torch._check(x.dim() == 2, lambda: f"x must be (pixels, channels), got {tuple(x.shape)}")
+        return x.new_empty((x.shape[0], weights[-1].shape[0]))
+
     @torch.library.register_fake("fastcount::crop_tiles")
     def _crop_tiles_fake(tiles, n, ny, nx, b, height, width, slope):
         torch._check(tiles.dim() == 4, lambda: f"tiles must be (P, O, t, t), got {tuple(tiles.shape)}")
