@@ -37,6 +37,10 @@ TORCH_LIBRARY(fastcount, m) {
   // z = leaky_relu(z @ w.T + b, slope) with every intermediate kept in cache.
   m.def("pointwise_mlp(Tensor x, Tensor[] weights, Tensor[] biases, float[] slopes) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // 3x3 conv (pad 1) + bias + LeakyReLU by Winograd F(4x4, 3x3) (CPU only): NHWC x (N, H, W, C),
+  // u = G w G^T as (36, C, Opad), bias (Opad,), Opad = out_channels rounded up to 16 -> NHWC out.
+  m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor bias, int out_channels, float slope) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("crop_tiles(Tensor tiles, int n, int ny, int nx, int b, int height, int width, float slope) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }

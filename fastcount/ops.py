@@ -101,6 +101,11 @@ def _register_fake_kernels() -> None:
         torch._check(x.dim() == 2, lambda: f"x must be (pixels, channels), got {tuple(x.shape)}")
         return x.new_empty((x.shape[0], weights[-1].shape[0]))
 
+    @torch.library.register_fake("fastcount::winograd_conv3x3")
+    def _winograd_conv3x3_fake(x, u, bias, out_channels, slope):
+        torch._check(x.dim() == 4, lambda: f"x must be (N, H, W, C), got {tuple(x.shape)}")
+        return x.new_empty((*x.shape[:3], out_channels))
+
     @torch.library.register_fake("fastcount::crop_tiles")
     def _crop_tiles_fake(tiles, n, ny, nx, b, height, width, slope):
         torch._check(tiles.dim() == 4, lambda: f"tiles must be (P, O, t, t), got {tuple(tiles.shape)}")

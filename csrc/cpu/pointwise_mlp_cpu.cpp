@@ -17,9 +17,8 @@
 // pixel with its horizontal sum (measured), and the sums run in the order oneDNN's 1x1
 // convs use (bit-identical results on this machine).
 //
-// As in spectral_mix_cpu.cpp, the build has no -march flag: the layer loops are
-// compiled for AVX-512, AVX2+FMA and the baseline with GCC target attributes and
-// picked at run time (FASTCOUNT_POINTWISE_MLP_ISA names one, for tests). Sums run in
+// The layer loops are compiled for AVX-512, AVX2+FMA and the baseline and picked at
+// run time (simd.h; FASTCOUNT_POINTWISE_MLP_ISA names one, for tests). Sums run in
 // input-channel order, float32, whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,50 +31,16 @@
 #include <vector>
 
 #include "../fastcount_ops.h"
+#include "simd.h"
 
 namespace fastcount {
 namespace {
 
-#if !defined(__GNUC__)
-#error "pointwise_mlp_cpu.cpp needs GCC or Clang (vector extensions, target attributes)"
-#endif
-#define FC_INLINE inline __attribute__((always_inline))
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+using namespace simd;
 
 constexpr int64_t kPad = 16;   // every layer's out channels are padded to a multiple of this
 constexpr int kPix = 6;        // pixels per register tile of the widest out-channel tile
 constexpr int64_t kRows = 240; // pixels per block (a multiple of kPix)
-
-template <typename V>
-constexpr int lanes() {
-  return static_cast<int>(sizeof(V) / sizeof(float));
-}
-template <typename V>
-FC_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V>
-FC_INLINE void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-template <typename V>
-FC_INLINE V splat(float f) {
-  return V{} + f;  // a scalar operand is broadcast
-}
-template <typename V>
-FC_INLINE V leaky(V v, float slope) {
-  // max(v, 0) + slope * min(v, 0), lane by lane: exactly F.leaky_relu
-  const V zero = V{};
-  const V pos = v > zero ? v : zero;
-  const V neg = v < zero ? v : zero;
-  return pos + neg * splat<V>(slope);
-}
 
 struct Layer {
   const float* wt;  // (C, Opad): transposed, zero past O
@@ -160,8 +125,7 @@ FC_INLINE void run_blocks(const Args& a, int64_t i0, int64_t i1, float* buf) {
 
 // Register tiles: kPix x OBV accumulators + OBV weights + a broadcast fit the register
 // file (32 zmm: 6 x 4 + 4 + 1; 16 ymm/xmm: 6 x 2 + 2 + 1).
-#if defined(__x86_64__) || defined(__i386__)
-#define FC_HAVE_X86_VARIANTS 1
+#ifdef FC_HAVE_X86_VARIANTS
 __attribute__((target("avx512f"))) void run_avx512(const Args& a, int64_t i0, int64_t i1, float* buf) {
   run_blocks<v16, 4>(a, i0, i1, buf);
 }
@@ -174,23 +138,16 @@ void run_base(const Args& a, int64_t i0, int64_t i1, float* buf) { run_blocks<v4
 using RunFn = void (*)(const Args&, int64_t, int64_t, float*);
 
 RunFn pick_variant() {
-  const char* want = std::getenv("FASTCOUNT_POINTWISE_MLP_ISA");
-  const std::string name = want == nullptr ? "" : want;
-  TORCH_CHECK_VALUE(name.empty() || name == "avx512" || name == "avx2" || name == "baseline",
-                    "FASTCOUNT_POINTWISE_MLP_ISA must be avx512, avx2 or baseline, got '", name, "'");
+  switch (pick_isa("FASTCOUNT_POINTWISE_MLP_ISA")) {
 #ifdef FC_HAVE_X86_VARIANTS
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK_VALUE(name != "avx512" || avx512, "FASTCOUNT_POINTWISE_MLP_ISA=avx512 but this CPU lacks AVX-512F");
-  TORCH_CHECK_VALUE(name != "avx2" || avx2, "FASTCOUNT_POINTWISE_MLP_ISA=avx2 but this CPU lacks AVX2/FMA");
-  if (avx512 && (name.empty() || name == "avx512")) return run_avx512;
-  if (avx2 && (name.empty() || name == "avx2")) return run_avx2;
-#else
-  TORCH_CHECK_VALUE(name.empty() || name == "baseline", "FASTCOUNT_POINTWISE_MLP_ISA=", name,
-                    " is only available on x86-64 builds with GCC or Clang");
+    case Isa::avx512:
+      return run_avx512;
+    case Isa::avx2:
+      return run_avx2;
 #endif
-  return run_base;
+    default:
+      return run_base;
+  }
 }
 
 at::Tensor pointwise_mlp_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,

@@ -19,9 +19,8 @@
 // rows (strided, the DRAM-latency-bound reads) are prefetched during the
 // current item's first register tile.
 //
-// The build has no -march flag: the hot loop is compiled three times (AVX-512,
-// AVX2+FMA, baseline) with GCC target attributes and picked at run time with
-// __builtin_cpu_supports (other compilers/architectures: the baseline only).
+// The hot loop is compiled three times (AVX-512, AVX2+FMA, baseline) and picked at
+// run time (simd.h; other compilers/architectures: the baseline only).
 // Accumulation is float32, in input-channel order for every output, whatever
 // the thread count.
 #include <ATen/ATen.h>
@@ -36,6 +35,7 @@
 #include <vector>
 
 #include "../fastcount_ops.h"
+#include "simd.h"
 
 namespace fastcount {
 namespace {
@@ -43,36 +43,9 @@ namespace {
 constexpr int64_t kBlock = 16;  // frequencies per block: one AVX-512 float32 vector
 constexpr int64_t kOGroup = 4;  // out channels interleaved per group in the packed k
 
-#if !defined(__GNUC__)
-#error "spectral_mix_cpu.cpp needs GCC or Clang (vector extensions, target attributes)"
-#endif
-#define FC_INLINE inline __attribute__((always_inline))
-// The vector helpers below are always inlined into their target("...") callers, so
-// the ABI of passing wide vectors by value (which -Wpsabi warns about) never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
+using namespace simd;
 
-// GCC/Clang vector extensions. A frequency block is processed as kBlock / lanes
-// vectors of the variant's native width: under target("avx512f") a v16 is one
-// zmm register, under AVX2 a v8 one ymm, in the baseline (SSE2) a v4 one xmm.
-// (Wider-than-native generic vectors compile to poor code, hence one type each.)
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-template <typename V>
-constexpr int lanes() {
-  return static_cast<int>(sizeof(V) / sizeof(float));
-}
-template <typename V>
-FC_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V>
-FC_INLINE void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+// A frequency block is processed as kBlock / lanes vectors of the variant's native width.
 
 struct MixArgs {
   const float* x;   // (C, P, F) complex, interleaved
@@ -215,8 +188,7 @@ FC_INLINE void mix_items(const MixArgs& a, int64_t i0, int64_t i1, float* xb) {
 
 // Register tiles (tiles x out channels) per instruction set: 2 * PB * OB
 // accumulators plus the PB tiles' inputs fit the register file (32 zmm; 16 ymm/xmm).
-#if defined(__x86_64__) || defined(__i386__)
-#define FC_HAVE_X86_VARIANTS 1
+#ifdef FC_HAVE_X86_VARIANTS
 constexpr int kP512 = 3, kO512 = 4, kP256 = 2, kO256 = 2;
 __attribute__((target("avx512f"))) void mix_avx512(const MixArgs& a, int64_t i0, int64_t i1,
                                                   float* xb) {
@@ -238,27 +210,18 @@ struct Variant {
   int tiles;  // PB: tiles per work item
 };
 
-// The fastest variant this CPU runs, or the one named by the environment variable
-// FASTCOUNT_SPECTRAL_MIX_ISA ("avx512", "avx2", "baseline"; for tests and
-// benchmarks of the other code paths; read on every call).
+// The fastest variant this CPU runs, or the one FASTCOUNT_SPECTRAL_MIX_ISA names.
 Variant pick_variant() {
-  const char* want = std::getenv("FASTCOUNT_SPECTRAL_MIX_ISA");
-  const std::string name = want == nullptr ? "" : want;
-  TORCH_CHECK_VALUE(name.empty() || name == "avx512" || name == "avx2" || name == "baseline",
-                    "FASTCOUNT_SPECTRAL_MIX_ISA must be avx512, avx2 or baseline, got '", name, "'");
+  switch (pick_isa("FASTCOUNT_SPECTRAL_MIX_ISA")) {
 #ifdef FC_HAVE_X86_VARIANTS
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK_VALUE(name != "avx512" || avx512, "FASTCOUNT_SPECTRAL_MIX_ISA=avx512 but this CPU lacks AVX-512F");
-  TORCH_CHECK_VALUE(name != "avx2" || avx2, "FASTCOUNT_SPECTRAL_MIX_ISA=avx2 but this CPU lacks AVX2/FMA");
-  if (avx512 && (name.empty() || name == "avx512")) return {mix_avx512, kP512};
-  if (avx2 && (name.empty() || name == "avx2")) return {mix_avx2, kP256};
-#else
-  TORCH_CHECK_VALUE(name.empty() || name == "baseline", "FASTCOUNT_SPECTRAL_MIX_ISA=", name,
-                    " is only available on x86-64 builds with GCC or Clang");
+    case Isa::avx512:
+      return {mix_avx512, kP512};
+    case Isa::avx2:
+      return {mix_avx2, kP256};
 #endif
-  return {mix_base, kPBase};
+    default:
+      return {mix_base, kPBase};
+  }
 }
 
 at::Tensor spectral_mix_cpu(const at::Tensor& x, const at::Tensor& k, int64_t out_channels) {

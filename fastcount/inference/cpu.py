@@ -6,10 +6,12 @@ What runs where (activations NHWC / channels_last throughout):
   bias and LeakyReLU fused (``mkldnn._convolution_pointwise``). An Inception
   block's two branches run either as ONE 3x3 conv (the 1x1 weights at the
   centre tap, output channels concatenated: no torch.cat, one pass) or as two
-  convs + cat; the merged form costs 9x the 1x1 branch's multiply-adds, so
-  fp32 picks per block by a cost model (multiply-adds + bytes moved), bf16 on
-  AMX by a roofline per conv (AMX makes the merged form's extra multiply-adds
-  nearly free where a block is memory-bound).
+  convs + cat, or (fp32, compiled ops) as one merged 3x3 conv by Winograd
+  F(4x4, 3x3) (:mod:`fastcount.inference.winograd`: a quarter of the multiply-adds,
+  plus transforms). fp32 picks per block by cost models fitted to per-block
+  times on AVX-512 and AVX2 (``_FP32_INCEPTION_NS``); bf16 by multiply-adds +
+  bytes moved, on AMX by a roofline per conv (AMX makes the merged form's extra
+  multiply-adds nearly free where a block is memory-bound).
 - the two large valid convs (14x14, 18x18 for r = 32): FFT overlap-save
   (:class:`fastcount.inference.spectral.SpectralConv`), FFT size per layer and
   input shape from a cost model, weight spectra cached per FFT size. In bf16
@@ -53,6 +55,7 @@ from .memory import pooled
 from .plan import FoldedConv, FoldedInception, Plan, fold
 from .rounding import Bf16Rounding
 from .spectral import MIN_FFT_KERNEL, SpectralConv
+from .winograd import OUT_PAD, WinogradConv
 
 __all__ = ["build", "CPUBackend", "bf16_supported", "amx_supported", "is_available", "PRECISIONS", "BACKEND"]
 
@@ -77,6 +80,52 @@ def bf16_supported() -> bool:
 def amx_supported() -> bool:
     """Whether the CPU has AMX bf16 tiles (oneDNN's fast bf16 convolutions)."""
     return "amx_bf16" in cpu_flags()
+
+
+# fp32 Inception block cost, ns per output pixel = coefficients . features, per instruction set
+# (oneDNN and the Winograd op both take the widest the CPU has). Least-squares fits (relative
+# error) to per-block times of 17 block shapes at 305x305 (`python benchmarks/cpu_inception_fit.py`,
+# 2-core AMD EPYC with AVX-512; "avx2" is the same CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
+# FASTCOUNT_WINOGRAD_ISA=avx2). Within 26-44% per shape; the pick loses <= 8% of the best
+# block time summed over the 17 shapes.
+_FP32_INCEPTION_NS = {
+    "avx512": {"merged": (3.52e-3, 0.128), "split": (3.74e-3, 0.106), "winograd": (7.30e-3, 0.317, 0.176)},
+    "avx2": {"merged": (7.50e-3, 0.073), "split": (7.32e-3, 0.102), "winograd": (1.57e-2, 0.126, 0.195)},
+}
+
+
+def _inception_features(method: str, cin: int, a: int, b: int) -> tuple:
+    o = a + b
+    if method == "merged":
+        return 9 * cin * o, cin + o
+    if method == "split":
+        return cin * a + 9 * cin * b, 2 * cin + 3 * o
+    opad = -(-o // OUT_PAD) * OUT_PAD  # winograd: 36 products per 4x4 tile; input and output transforms
+    return 2.25 * cin * opad, cin, opad
+
+
+def _fp32_inception_isa() -> str | None:
+    """The cost table for this CPU, or None (neither AVX-512 nor AVX2: no Winograd choice)."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "avx2"
+    return None
+
+
+def _fp32_inception_method(cin: int, a: int, b: int, methods=("merged", "split", "winograd")) -> str:
+    """The cheapest of ``methods`` for one fp32 Inception block by the fitted cost table."""
+    isa = _fp32_inception_isa()
+    if isa is None:
+        m, sp = _merge_cost(cin, a, b)
+        return "merged" if m <= sp else "split"
+    table = _FP32_INCEPTION_NS[isa]
+
+    def ns(method):
+        return sum(c * f for c, f in zip(table[method], _inception_features(method, cin, a, b)))
+
+    return min(methods, key=ns)
 
 
 def _merge_cost(cin: int, a: int, b: int) -> tuple[float, float]:
@@ -158,15 +207,22 @@ class _Conv:
 
 
 class _Inception:
-    def __init__(self, layer: FoldedInception, dtype, merge: bool):
+    METHODS = ("merged", "split", "winograd")
+
+    def __init__(self, layer: FoldedInception, dtype, method: str):
         b1, b3 = layer.branch1, layer.branch3
-        self.merged = merge
-        if merge:
+        self.method = method
+        self.merged = method != "split"
+        if self.merged:
             a, b = b1.out_channels, b3.out_channels
             w = b3.weight.new_zeros(a + b, b3.in_channels, 3, 3)
             w[:a, :, 1, 1] = b1.weight[:, :, 0, 0]  # a 1x1 conv is a 3x3 conv with only the centre tap
             w[a:] = b3.weight
-            self.conv = _Conv(w, torch.cat([b1.bias, b3.bias]), 1, b3.slope, dtype)
+            bias = torch.cat([b1.bias, b3.bias])
+            if method == "winograd":
+                self.conv = WinogradConv(w, bias, b3.slope)
+            else:
+                self.conv = _Conv(w, bias, 1, b3.slope, dtype)
         else:
             self.conv1 = _Conv(b1.weight, b1.bias, 0, b1.slope, dtype)
             self.conv3 = _Conv(b3.weight, b3.bias, 1, b3.slope, dtype)
@@ -242,6 +298,7 @@ class _Choice:
 
     precision: str
     merged: tuple
+    inception: tuple  # per block: "merged", "split" or "winograd"
     large: tuple
     fft_size: object
 
@@ -258,9 +315,13 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self, plan: Plan, precision: str = "fp32", fft_size=None, large: str = "auto", merge="auto",
-                 threads: int | None = None, reuse_memory: bool = True, rounding=None):
+                 threads: int | None = None, reuse_memory: bool = True, rounding=None, winograd="auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} for the cpu backend, got {precision!r}")
+        if winograd not in ("auto", True, False):
+            raise ValueError(f"winograd must be 'auto', True or False, got {winograd!r}")
+        if winograd is True and (precision != "fp32" or not has_compiled_ops()):
+            raise ValueError("winograd=True needs precision='fp32' and the compiled ops (fastcount._C)")
         if precision == "bf16" and not bf16_supported():
             raise ValueError("precision='bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX); use 'fp32'")
         if large not in ("auto", "fft", "direct"):
@@ -294,21 +355,24 @@ class CPUBackend:
 
         body, head = plan.split_head()
         self.ops = []
-        merged, larges, n_large = [], [], 0
+        methods, larges, n_large = [], [], 0
+        wino_auto = winograd == "auto" and merge == "auto" and precision == "fp32" and has_compiled_ops()
         for role, layer, rlayer in zip(plan.roles, body, rounded.layers):
             if role == INCEPTION:
-                if merge == "auto":
-                    shape = (layer.branch3.in_channels, layer.branch1.out_channels, layer.branch3.out_channels)
-                    if precision == "bf16":
-                        # without AMX (AVX512-BF16 only) multiply-adds are dear: merge only if cheaper in fp32 terms
-                        m_cost, s_cost = _merge_cost_bf16(*shape) if amx else _merge_cost(*shape)
-                    else:
-                        m_cost, s_cost = _merge_cost(*shape)
-                    do_merge = m_cost <= s_cost
+                shape = (layer.branch3.in_channels, layer.branch1.out_channels, layer.branch3.out_channels)
+                if winograd is True:
+                    method = "winograd"
+                elif merge != "auto":
+                    method = "merged" if merge else "split"
+                elif precision == "bf16":
+                    # without AMX (AVX512-BF16 only) multiply-adds are dear: merge only if cheaper in fp32 terms
+                    m_cost, s_cost = _merge_cost_bf16(*shape) if amx else _merge_cost(*shape)
+                    method = "merged" if m_cost <= s_cost else "split"
                 else:
-                    do_merge = merge
-                self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, do_merge))
-                merged.append(do_merge)
+                    method = _fp32_inception_method(*shape, methods=_Inception.METHODS if wino_auto
+                                                    else ("merged", "split"))
+                self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, method))
+                methods.append(method)
             elif role == LARGE:
                 method = large if layer.kernel >= MIN_FFT_KERNEL else "direct"
                 if amx_direct and method == "fft" and _amx_direct_cheaper(layer.in_channels, layer.out_channels, layer.kernel):
@@ -328,7 +392,8 @@ class CPUBackend:
                 self._first_unpadded = _Conv(layer.weight, layer.bias, 0, layer.slope, torch.float32)
         # The head is cheap too (1x1 convs on 64 channels at width 1); fp32 keeps the count sum exact-ish.
         self.head = _Head(head, torch.float32) if head else None
-        self.choice = _Choice(precision, tuple(merged), tuple(larges), fft_size)
+        self.choice = _Choice(precision, tuple(m != "split" for m in methods), tuple(methods), tuple(larges),
+                              fft_size)
 
     def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
         """The FFT size each FFT layer would use for an input of this size (for reports)."""
@@ -397,7 +462,7 @@ class CPUBackend:
         return None
 
     def __repr__(self):
-        return f"CPUBackend(precision={self.precision!r}, merged={self.choice.merged}, large={self.choice.large})"
+        return f"CPUBackend(precision={self.precision!r}, inception={self.choice.inception}, large={self.choice.large})"
 
 
 def _all_cores() -> int:
@@ -419,7 +484,9 @@ def build(model: CountCeption, precision: str = "fp32", device=None, **options) 
         device: None or a CPU device.
         **options: ``fft_size`` (int, or a pair for the two large convs; None =
             cost model), ``large`` ("auto" | "fft" | "direct"), ``merge``
-            ("auto" | True | False), ``threads`` (None = all cores), ``reuse_memory``
+            ("auto" | True | False: oneDNN merged or split Inception blocks), ``winograd``
+            ("auto" | True | False: fp32 Inception blocks by Winograd F(4x4, 3x3); "auto" = by
+            the cost model, when ``merge`` is "auto"), ``threads`` (None = all cores), ``reuse_memory``
             (True: run inside :func:`fastcount.inference.memory.pooled`, so activations
             reuse the previous call's memory instead of fresh page-faulted mmaps),
             ``rounding`` (bf16 only: a :class:`~fastcount.inference.rounding.Bf16Rounding`
