@@ -55,22 +55,30 @@ FC_INLINE void layer_tile(const Layer& l, const float* in, int64_t ldin, float* 
                          int64_t o0) {
   constexpr int W = lanes<V>();
   V bias[OBV];
+  #pragma GCC unroll 32
   for (int j = 0; j < OBV; ++j) bias[j] = load<V>(l.b + o0 + j * W);
   static_assert(kRows % PIX == 0, "register tiles must divide a block");
   for (int64_t p = 0; p < kRows; p += PIX) {
     V acc[PIX][OBV];
+    #pragma GCC unroll 32
     for (int i = 0; i < PIX; ++i)
+      #pragma GCC unroll 32
       for (int j = 0; j < OBV; ++j) acc[i][j] = bias[j];
     const float* row = in + p * ldin;
     for (int64_t c = 0; c < l.C; ++c) {
       V w[OBV];
+      #pragma GCC unroll 32
       for (int j = 0; j < OBV; ++j) w[j] = load<V>(l.wt + c * l.Opad + o0 + j * W);
+      #pragma GCC unroll 32
       for (int i = 0; i < PIX; ++i) {
-        const V xi = splat<V>(row[i * ldin + c]);
+        const V xi = splat_load<V>(row + i * ldin + c);
+        #pragma GCC unroll 32
         for (int j = 0; j < OBV; ++j) acc[i][j] += xi * w[j];
       }
     }
+    #pragma GCC unroll 32
     for (int i = 0; i < PIX; ++i)
+      #pragma GCC unroll 32
       for (int j = 0; j < OBV; ++j) store(out + (p + i) * ldout + o0 + j * W, leaky(acc[i][j], l.slope));
   }
 }

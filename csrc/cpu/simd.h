@@ -64,6 +64,24 @@ FC_INLINE V splat(float f) {
   return V{} + f;
 }
 
+// *p in every lane, as one load-broadcast instruction on AVX2/AVX-512 (inline asm: GCC
+// builds `splat(*p)` as a scalar load, an add of 0 and a register broadcast).
+template <typename V>
+FC_INLINE V splat_load(const float* p) {
+#ifdef FC_HAVE_X86_VARIANTS
+  if constexpr (lanes<V>() == 16) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+  } else if constexpr (lanes<V>() == 8) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=x"(r) : "m"(*p));
+    return r;
+  }
+#endif
+  return splat<V>(*p);
+}
+
 // LeakyReLU lane by lane, exactly F.leaky_relu: max(v, 0) + slope * min(v, 0).
 template <typename V>
 FC_INLINE V leaky(V v, float slope) {

@@ -86,11 +86,11 @@ def amx_supported() -> bool:
 # (oneDNN and the Winograd op both take the widest the CPU has). Least-squares fits (relative
 # error) to per-block times of 17 block shapes at 305x305 (`python benchmarks/cpu_inception_fit.py`,
 # 2-core AMD EPYC with AVX-512; "avx2" is the same CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
-# FASTCOUNT_WINOGRAD_ISA=avx2). Within 26-44% per shape; the pick loses <= 8% of the best
-# block time summed over the 17 shapes.
+# FASTCOUNT_WINOGRAD_ISA=avx2). Within 6-46% per shape; summed over the 17 shapes the
+# picked methods take 1.5% (avx512) and 1.7% (avx2) longer than the measured best.
 _FP32_INCEPTION_NS = {
-    "avx512": {"merged": (3.52e-3, 0.128), "split": (3.74e-3, 0.106), "winograd": (7.30e-3, 0.317, 0.176)},
-    "avx2": {"merged": (7.50e-3, 0.073), "split": (7.32e-3, 0.102), "winograd": (1.57e-2, 0.126, 0.195)},
+    "avx512": {"merged": (3.5e-3, 0.123), "split": (3.7e-3, 0.087), "winograd": (6.9e-3, 0.153, 0.153)},
+    "avx2": {"merged": (7.3e-3, 0.068), "split": (7.3e-3, 0.073), "winograd": (1.47e-2, -0.010, 0.157)},
 }
 
 
