@@ -8,12 +8,14 @@
 // transforms, so the NHWC -> CHW transpose, the zero padding to whole tiles and
 // rfft2's own copy of a strided tile view become one pass. One work item is one
 // row of one tile: it reads t*C contiguous floats (L1/L2-resident) and writes C
-// rows of t floats, blocks of 16 channels at a time so each read is a vector.
+// rows of t floats, in 16 x 16 (channel x pixel) blocks so reads and writes are both
+// contiguous runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "../fastcount_ops.h"
 
@@ -41,11 +43,19 @@ void gather_rows(const T* src, float* dst, int64_t n, int64_t h, int64_t w, int6
         continue;
       }
       const T* s = src + ((ni * h + y) * w + x0) * c;
+      // kCB x kCB blocks (channels x pixels) are transposed through a buffer in L1, so every
+      // channel row is written kCB floats at a time instead of one scattered float per
+      // channel and pixel (measured: the scattered stores made this pass ~2x slower).
+      float blk[kCB][kCB];
       for (int64_t k0 = 0; k0 < c; k0 += kCB) {
         const int64_t kn = std::min(kCB, c - k0);
-        for (int64_t xx = 0; xx < valid; ++xx) {
-          const T* v = s + xx * c + k0;
-          for (int64_t k = 0; k < kn; ++k) row[(k0 + k) * plane + xx] = static_cast<float>(v[k]);
+        for (int64_t x1 = 0; x1 < valid; x1 += kCB) {
+          const int64_t xn = std::min(kCB, valid - x1);
+          for (int64_t xx = 0; xx < xn; ++xx) {
+            const T* v = s + (x1 + xx) * c + k0;
+            for (int64_t k = 0; k < kn; ++k) blk[k][xx] = static_cast<float>(v[k]);
+          }
+          for (int64_t k = 0; k < kn; ++k) std::memcpy(row + (k0 + k) * plane + x1, blk[k], sizeof(float) * xn);
         }
         for (int64_t k = 0; k < kn; ++k) std::fill(row + (k0 + k) * plane + valid, row + (k0 + k) * plane + t, 0.f);
       }
