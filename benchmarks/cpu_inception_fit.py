@@ -5,7 +5,8 @@
 
 For 17 Inception block shapes (cin -> (a, b): the six blocks of both model widths and
 others) at 305x305, median of 5 calls inside the memory pool, it times oneDNN's merged 3x3
-conv, oneDNN's split 1x1 + 3x3 + cat and the Winograd F(4x4, 3x3) op, prints ns per pixel,
+conv, oneDNN's split 1x1 + 3x3 + cat, the Winograd F(4x4, 3x3) op on the merged block and
+oneDNN's 1x1 + Winograd's 3x3 + cat, prints ns per pixel,
 then fits ns/px = coefficients . features per method (least squares on relative error; the
 features are ``fastcount.inference.cpu._inception_features``) and shows what the fitted model
 would pick per shape against the measured best. The coefficients go into
@@ -27,7 +28,7 @@ from fastcount.inference.winograd import WinogradConv
 SHAPES = [(64, 16, 16), (32, 16, 32), (16, 112, 48), (160, 64, 32), (96, 40, 40), (80, 32, 96),  # width 1
           (32, 8, 8), (16, 8, 16), (8, 56, 24), (80, 32, 16), (48, 20, 20), (40, 16, 48),  # width 0.5
           (128, 32, 64), (24, 24, 24), (64, 64, 64), (200, 16, 16), (12, 4, 4)]
-METHODS = ("merged", "split", "winograd")
+METHODS = ("merged", "split", "winograd", "split_winograd")
 
 
 def _runners(cin, a, b):
@@ -38,7 +39,9 @@ def _runners(cin, a, b):
     merged = _Conv(w, bias, 1, 0.01, torch.float32)
     c1 = _Conv(w[:a, :, 1:2, 1:2].contiguous(), bias[:a], 0, 0.01, torch.float32)
     c3 = _Conv(w[a:], bias[a:], 1, 0.01, torch.float32)
-    return {"merged": merged, "split": lambda x: torch.cat([c1(x), c3(x)], 1), "winograd": WinogradConv(w, bias, 0.01)}
+    w3 = WinogradConv(w[a:], bias[a:], 0.01)
+    return {"merged": merged, "split": lambda x: torch.cat([c1(x), c3(x)], 1), "winograd": WinogradConv(w, bias, 0.01),
+            "split_winograd": lambda x: torch.cat([c1(x), w3(x)], 1)}
 
 
 def measure(side: int, rounds: int) -> list[dict]:

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_bn, rel_err
 
-from fastcount.inference.cpu import _FP32_INCEPTION_NS, _fp32_inception_method, _nhwc, build
+from fastcount.inference.cpu import _FP32_INCEPTION_NS, _fp32_inception_method, _Inception, _nhwc, build
 from fastcount.inference.winograd import OUT_PAD, WinogradConv, transform_weights
-from fastcount.model import CountCeption
+from fastcount.inference.plan import fold
+from fastcount.model import INCEPTION, CountCeption
 from fastcount.ops import has_compiled_ops
 
 pytestmark = pytest.mark.skipif(not has_compiled_ops(), reason="fastcount._C is not built (compiled ops missing)")
@@ -96,13 +97,36 @@ def test_backend_all_winograd_matches_eager(n, h, w):
     assert float((diff / ref.double().abs().sum((1, 2, 3))).max()) < 1e-4, SEED
 
 
-def test_method_choice_and_options():
-    # the cost tables pick Winograd for the wide full-width block and oneDNN's split form for
-    # 160 -> (64, 32), whose 1x1 branch is two thirds of its outputs (measured, both ISAs)
+def test_every_inception_method_agrees():
+    """Each block of the model in all four forms (oneDNN merged / split, Winograd merged / split)."""
+    torch.manual_seed(SEED % 1000)
+    model = randomize_bn(CountCeption(width=0.25), seed=SEED % 1000).eval()
+    plan = fold(model, torch.float64).to("cpu")
+    g = torch.Generator().manual_seed(SEED)
+    blocks = [layer for role, layer in zip(plan.roles, plan.layers) if role == INCEPTION]
+    assert blocks
+    for layer in blocks:
+        x = _nhwc(torch.randn(2, layer.branch3.in_channels, 13, 22, generator=g) * 5)
+        ref = _Inception(layer, torch.float32, "split")(x)
+        for method in _Inception.METHODS:
+            y = _Inception(layer, torch.float32, method)(x)
+            assert y.shape == ref.shape and rel_err(y, ref) < TOL, (method, SEED)
+
+
+def test_method_choice_and_options(monkeypatch):
+    # Clear-cut cases of the measured tables (benchmarks/cpu_inception_fit.py): 80 -> (32, 16)
+    # is fastest as oneDNN 1x1 + Winograd 3x3 (AVX-512 61.9 vs >= 81.3 ns/px, AVX2 112.8 vs
+    # >= 129.6), 48 -> (20, 20) in a Winograd form (42.4 vs >= 73.7; 79.3 vs >= 111.1), and on
+    # AVX-512 12 -> (4, 4) as oneDNN's merged conv (8.2 vs >= 8.8).
     for isa in _FP32_INCEPTION_NS:
-        assert set(_FP32_INCEPTION_NS[isa]) == {"merged", "split", "winograd"}
-    assert _fp32_inception_method(80, 32, 96) in ("winograd",)
-    assert _fp32_inception_method(160, 64, 32) == "split"
+        assert set(_FP32_INCEPTION_NS[isa]) == set(_Inception.METHODS)
+        monkeypatch.setattr("fastcount.inference.cpu._fp32_inception_isa", lambda isa=isa: isa)
+        assert _fp32_inception_method(80, 32, 16) == "split_winograd", isa
+        assert _fp32_inception_method(48, 20, 20) in ("winograd", "split_winograd"), isa
+        assert _fp32_inception_method(48, 20, 20, methods=("merged", "split")) in ("merged", "split")
+        if isa == "avx512":
+            assert _fp32_inception_method(12, 4, 4) in ("merged", "split")
+    monkeypatch.undo()
     model = CountCeption(width=0.25).eval()
     assert "winograd" not in build(model, "fp32", winograd=False).choice.inception
     assert "winograd" not in build(model, "fp32", merge=True).choice.inception

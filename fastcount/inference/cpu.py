@@ -86,11 +86,13 @@ def amx_supported() -> bool:
 # (oneDNN and the Winograd op both take the widest the CPU has). Least-squares fits (relative
 # error) to per-block times of 17 block shapes at 305x305 (`python benchmarks/cpu_inception_fit.py`,
 # 2-core AMD EPYC with AVX-512; "avx2" is the same CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
-# FASTCOUNT_WINOGRAD_ISA=avx2). Within 6-46% per shape; summed over the 17 shapes the
-# picked methods take 1.5% (avx512) and 1.7% (avx2) longer than the measured best.
+# FASTCOUNT_WINOGRAD_ISA=avx2). Within 6-48% per shape; summed over the 17 shapes the
+# picked methods take 0.4% (avx512) and 0.5% (avx2) longer than the measured best.
 _FP32_INCEPTION_NS = {
-    "avx512": {"merged": (3.5e-3, 0.123), "split": (3.7e-3, 0.087), "winograd": (6.9e-3, 0.153, 0.153)},
-    "avx2": {"merged": (7.3e-3, 0.068), "split": (7.3e-3, 0.073), "winograd": (1.47e-2, -0.010, 0.157)},
+    "avx512": {"merged": (3.6e-3, 0.122), "split": (3.9e-3, 0.082), "winograd": (6.9e-3, 0.150, 0.144),
+               "split_winograd": (7.1e-3, 0.293, 0.045, 0.159)},
+    "avx2": {"merged": (7.6e-3, 0.077), "split": (7.6e-3, 0.081), "winograd": (1.48e-2, -0.007, 0.179),
+             "split_winograd": (1.43e-2, 0.238, -0.023, 0.196)},
 }
 
 
@@ -100,8 +102,11 @@ def _inception_features(method: str, cin: int, a: int, b: int) -> tuple:
         return 9 * cin * o, cin + o
     if method == "split":
         return cin * a + 9 * cin * b, 2 * cin + 3 * o
-    opad = -(-o // OUT_PAD) * OUT_PAD  # winograd: 36 products per 4x4 tile; input and output transforms
-    return 2.25 * cin * opad, cin, opad
+    if method == "winograd":  # 36 products per 4x4 tile; input and output transforms
+        opad = -(-o // OUT_PAD) * OUT_PAD
+        return 2.25 * cin * opad, cin, opad
+    bpad = -(-b // OUT_PAD) * OUT_PAD  # split_winograd: the 1x1 by oneDNN, the 3x3 by Winograd, the cat
+    return cin * a + 2.25 * cin * bpad, cin, bpad, a + b
 
 
 def _fp32_inception_isa() -> str | None:
@@ -114,7 +119,7 @@ def _fp32_inception_isa() -> str | None:
     return None
 
 
-def _fp32_inception_method(cin: int, a: int, b: int, methods=("merged", "split", "winograd")) -> str:
+def _fp32_inception_method(cin: int, a: int, b: int, methods=("merged", "split", "winograd", "split_winograd")) -> str:
     """The cheapest of ``methods`` for one fp32 Inception block by the fitted cost table."""
     isa = _fp32_inception_isa()
     if isa is None:
@@ -219,12 +224,13 @@ class _Conv:
 
 
 class _Inception:
-    METHODS = ("merged", "split", "winograd")
+    # oneDNN one 3x3 conv / oneDNN 1x1 + 3x3 + cat / Winograd one 3x3 / oneDNN 1x1 + Winograd 3x3 + cat
+    METHODS = ("merged", "split", "winograd", "split_winograd")
 
     def __init__(self, layer: FoldedInception, dtype, method: str):
         b1, b3 = layer.branch1, layer.branch3
         self.method = method
-        self.merged = method != "split"
+        self.merged = method in ("merged", "winograd")
         if self.merged:
             a, b = b1.out_channels, b3.out_channels
             w = b3.weight.new_zeros(a + b, b3.in_channels, 3, 3)
@@ -237,7 +243,10 @@ class _Inception:
                 self.conv = _Conv(w, bias, 1, b3.slope, dtype)
         else:
             self.conv1 = _Conv(b1.weight, b1.bias, 0, b1.slope, dtype)
-            self.conv3 = _Conv(b3.weight, b3.bias, 1, b3.slope, dtype)
+            if method == "split_winograd":
+                self.conv3 = WinogradConv(b3.weight, b3.bias, b3.slope)
+            else:
+                self.conv3 = _Conv(b3.weight, b3.bias, 1, b3.slope, dtype)
 
     def __call__(self, x):
         if self.merged:
@@ -310,7 +319,7 @@ class _Choice:
 
     precision: str
     merged: tuple
-    inception: tuple  # per block: "merged", "split" or "winograd"
+    inception: tuple  # per block: one of _Inception.METHODS
     large: tuple
     fft_size: object
 
@@ -404,7 +413,7 @@ class CPUBackend:
                 self._first_unpadded = _Conv(layer.weight, layer.bias, 0, layer.slope, torch.float32)
         # The head is cheap too (1x1 convs on 64 channels at width 1); fp32 keeps the count sum exact-ish.
         self.head = _Head(head, torch.float32) if head else None
-        self.choice = _Choice(precision, tuple(m != "split" for m in methods), tuple(methods), tuple(larges),
+        self.choice = _Choice(precision, tuple(m in ("merged", "winograd") for m in methods), tuple(methods), tuple(larges),
                               fft_size)
 
     def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
