@@ -366,6 +366,7 @@ def _tiles_reference(x, t, step, ny, nx):
         (3, 10, 13, 17, 8, 5),  # C not a multiple of the 16-channel block
         (1, 19, 19, 3, 19, 1),  # tiles larger than most of the image
         (1, 40, 23, 33, 12, 12),  # no overlap (step = t)
+        (1, 30, 70, 20, 36, 23),  # tile rows of 3 pixel blocks (16 + 16 + 4), 2 channel blocks
     ],
 )
 def test_gather_tiles_op_matches_reference(n, h, w, c, t, step):

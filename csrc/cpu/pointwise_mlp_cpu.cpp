@@ -25,9 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../fastcount_ops.h"
@@ -146,16 +144,11 @@ void run_base(const Args& a, int64_t i0, int64_t i1, float* buf) { run_blocks<v4
 using RunFn = void (*)(const Args&, int64_t, int64_t, float*);
 
 RunFn pick_variant() {
-  switch (pick_isa("FASTCOUNT_POINTWISE_MLP_ISA")) {
 #ifdef FC_HAVE_X86_VARIANTS
-    case Isa::avx512:
-      return run_avx512;
-    case Isa::avx2:
-      return run_avx2;
+  return by_isa<RunFn>("FASTCOUNT_POINTWISE_MLP_ISA", run_base, run_avx2, run_avx512);
+#else
+  return by_isa<RunFn>("FASTCOUNT_POINTWISE_MLP_ISA", run_base, run_base, run_base);
 #endif
-    default:
-      return run_base;
-  }
 }
 
 at::Tensor pointwise_mlp_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,

@@ -114,5 +114,19 @@ inline Isa pick_isa(const char* env) {
   return Isa::baseline;
 }
 
+// The variant of a kernel for the instruction set pick_isa(env) chooses. Builds without
+// the x86 variants pass `base` for all three.
+template <typename T>
+T by_isa(const char* env, T base, T avx2, T avx512) {
+  switch (pick_isa(env)) {
+    case Isa::avx512:
+      return avx512;
+    case Isa::avx2:
+      return avx2;
+    default:
+      return base;
+  }
+}
+
 }  // namespace simd
 }  // namespace fastcount

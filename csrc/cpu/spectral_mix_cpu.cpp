@@ -29,9 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../fastcount_ops.h"
@@ -212,16 +210,12 @@ struct Variant {
 
 // The fastest variant this CPU runs, or the one FASTCOUNT_SPECTRAL_MIX_ISA names.
 Variant pick_variant() {
-  switch (pick_isa("FASTCOUNT_SPECTRAL_MIX_ISA")) {
+  const Variant base{mix_base, kPBase};
 #ifdef FC_HAVE_X86_VARIANTS
-    case Isa::avx512:
-      return {mix_avx512, kP512};
-    case Isa::avx2:
-      return {mix_avx2, kP256};
+  return by_isa("FASTCOUNT_SPECTRAL_MIX_ISA", base, Variant{mix_avx2, kP256}, Variant{mix_avx512, kP512});
+#else
+  return by_isa("FASTCOUNT_SPECTRAL_MIX_ISA", base, base, base);
 #endif
-    default:
-      return {mix_base, kPBase};
-  }
 }
 
 at::Tensor spectral_mix_cpu(const at::Tensor& x, const at::Tensor& k, int64_t out_channels) {

@@ -24,9 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../fastcount_ops.h"
@@ -241,16 +239,11 @@ void run_base(const Args& a, int64_t i0, int64_t i1, float* Vb, float* Mb) { run
 using RunFn = void (*)(const Args&, int64_t, int64_t, float*, float*);
 
 RunFn pick_variant() {
-  switch (pick_isa("FASTCOUNT_WINOGRAD_ISA")) {
 #ifdef FC_HAVE_X86_VARIANTS
-    case Isa::avx512:
-      return run_avx512;
-    case Isa::avx2:
-      return run_avx2;
+  return by_isa<RunFn>("FASTCOUNT_WINOGRAD_ISA", run_base, run_avx2, run_avx512);
+#else
+  return by_isa<RunFn>("FASTCOUNT_WINOGRAD_ISA", run_base, run_base, run_base);
 #endif
-    default:
-      return run_base;
-  }
 }
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,

@@ -22,7 +22,8 @@ What runs where (activations NHWC / channels_last throughout):
 - the 1x1 head, on the stride-s subsampled map (1x1 convs commute with
   subsampling): the compiled ``fastcount::pointwise_mlp`` op on the NHWC map (all
   three layers per block of pixels while it sits in cache: one read of the map,
-  4-5x faster than oneDNN's three 1x1 passes at 1024^2; bit-identical to them here),
+  4-5x faster than oneDNN's three 1x1 passes at 1024^2 on the 2-core AMD EPYC with
+  AVX-512; bit-identical to them there),
   else oneDNN 1x1 convs with the LeakyReLU fused (matmuls on an NCHW map).
 
 ``backend.unpadded(x)`` runs the same network with the first conv unpadded (the
@@ -88,6 +89,9 @@ def amx_supported() -> bool:
 # 2-core AMD EPYC with AVX-512; "avx2" is the same CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
 # FASTCOUNT_WINOGRAD_ISA=avx2). Within 6-48% per shape; summed over the 17 shapes the
 # picked methods take 0.4% (avx512) and 0.5% (avx2) longer than the measured best.
+# oneDNN one 3x3 conv / oneDNN 1x1 + 3x3 + cat / Winograd one 3x3 / oneDNN 1x1 + Winograd 3x3 + cat
+INCEPTION_METHODS = ("merged", "split", "winograd", "split_winograd")
+_ONE_CONV = ("merged", "winograd")  # the methods that run a block as one 3x3 conv
 _FP32_INCEPTION_NS = {
     "avx512": {"merged": (3.6e-3, 0.122), "split": (3.9e-3, 0.082), "winograd": (6.9e-3, 0.150, 0.144),
                "split_winograd": (7.1e-3, 0.293, 0.045, 0.159)},
@@ -119,7 +123,7 @@ def _fp32_inception_isa() -> str | None:
     return None
 
 
-def _fp32_inception_method(cin: int, a: int, b: int, methods=("merged", "split", "winograd", "split_winograd")) -> str:
+def _fp32_inception_method(cin: int, a: int, b: int, methods=INCEPTION_METHODS) -> str:
     """The cheapest of ``methods`` for one fp32 Inception block by the fitted cost table."""
     isa = _fp32_inception_isa()
     if isa is None:
@@ -184,7 +188,8 @@ def _input_nhwc(x: torch.Tensor) -> torch.Tensor:
     """The input image as a new float32 channels_last tensor (the caller's is never touched).
 
     Interleaving the few channels with ``torch.stack`` is 4x faster than
-    ``contiguous(memory_format=channels_last)`` for a 3-channel image (measured, 1024^2).
+    ``contiguous(memory_format=channels_last)`` for a 3-channel image (measured at 1024^2 on the
+    2-core AMD EPYC with AVX-512).
     """
     x = x.to(torch.float32)
     if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
@@ -224,13 +229,12 @@ class _Conv:
 
 
 class _Inception:
-    # oneDNN one 3x3 conv / oneDNN 1x1 + 3x3 + cat / Winograd one 3x3 / oneDNN 1x1 + Winograd 3x3 + cat
-    METHODS = ("merged", "split", "winograd", "split_winograd")
+    METHODS = INCEPTION_METHODS
 
     def __init__(self, layer: FoldedInception, dtype, method: str):
         b1, b3 = layer.branch1, layer.branch3
         self.method = method
-        self.merged = method in ("merged", "winograd")
+        self.merged = method in _ONE_CONV
         if self.merged:
             a, b = b1.out_channels, b3.out_channels
             w = b3.weight.new_zeros(a + b, b3.in_channels, 3, 3)
@@ -284,8 +288,8 @@ class _Head:
         self.b = [l.bias.to(dtype).contiguous() for l in layers]
         self.slope = [float(l.slope) for l in layers]
         self.fused = fused and dtype == torch.float32 and has_compiled_ops()
-        # channels_last input without the compiled op: oneDNN 1x1 convs, LeakyReLU fused (a pass per layer)
-        self.convs = [_Conv(l.weight, l.bias, 0, l.slope, dtype) for l in layers]
+        # channels_last input without the fused op: oneDNN 1x1 convs, LeakyReLU fused (a pass per layer)
+        self.convs = [] if self.fused else [_Conv(l.weight, l.bias, 0, l.slope, dtype) for l in layers]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride
@@ -318,10 +322,14 @@ class _Choice:
     """What build() decided, for reports and tests."""
 
     precision: str
-    merged: tuple
-    inception: tuple  # per block: one of _Inception.METHODS
+    inception: tuple  # per block: one of INCEPTION_METHODS
     large: tuple
     fft_size: object
+
+    @property
+    def merged(self) -> tuple:
+        """Per block: whether it runs as one 3x3 conv (oneDNN's or Winograd's)."""
+        return tuple(m in _ONE_CONV for m in self.inception)
 
 
 class CPUBackend:
@@ -390,7 +398,7 @@ class CPUBackend:
                     m_cost, s_cost = _merge_cost_bf16(*shape) if amx else _merge_cost(*shape)
                     method = "merged" if m_cost <= s_cost else "split"
                 else:
-                    method = _fp32_inception_method(*shape, methods=_Inception.METHODS if wino_auto
+                    method = _fp32_inception_method(*shape, methods=INCEPTION_METHODS if wino_auto
                                                     else ("merged", "split"))
                 self.ops.append(_Inception(rlayer if precision == "bf16" else layer, dtype, method))
                 methods.append(method)
@@ -413,8 +421,7 @@ class CPUBackend:
                 self._first_unpadded = _Conv(layer.weight, layer.bias, 0, layer.slope, torch.float32)
         # The head is cheap too (1x1 convs on 64 channels at width 1); fp32 keeps the count sum exact-ish.
         self.head = _Head(head, torch.float32) if head else None
-        self.choice = _Choice(precision, tuple(m in ("merged", "winograd") for m in methods), tuple(methods), tuple(larges),
-                              fft_size)
+        self.choice = _Choice(precision, tuple(methods), tuple(larges), fft_size)
 
     def fft_sizes(self, height: int, width: int, batch: int = 1) -> list[int]:
         """The FFT size each FFT layer would use for an input of this size (for reports)."""
